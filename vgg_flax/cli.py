@@ -2,6 +2,8 @@
 
 Subcommands:
   models    list the configs and builders with their parameter counts
+  convert   torchvision/timm weights (.pth, .safetensors) into a vgg-flax weights file
+  predict   top-5 ImageNet classes of image files with a converted weights file
 """
 
 from __future__ import annotations
@@ -26,6 +28,40 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from vgg_flax import convert
+
+    r = convert.convert_file(args.src, args.dst, head=args.head, verify_hash=not args.no_verify_hash,
+                             check=not args.no_check)
+    if r["hash_prefix"]:
+        print(f"sha256 {r['sha256']}: matches the prefix {r['hash_prefix']} in the file name")
+    bn = "with" if r["batch_norm"] else "without"
+    print(f"detected: VGG config {r['config']} {bn} BatchNorm, {r['layout']} layout, "
+          f"{r['num_classes']} classes")
+    if r["features_only"]:
+        print("classifier weights are NaN (IMAGENET1K_FEATURES): saved the features only, "
+              "preprocessing preset 'imagenet1k_features'")
+    print(f"parameters: {r['params']:,} (head {r['head']!r})")
+    if r["max_abs_diff"] is not None:
+        print(f"self-check vs torch at 224x224: max abs diff {r['max_abs_diff']:.3g} "
+              f"(max abs output {r['max_abs_logit']:.3g})")
+    elif not args.no_check:
+        print("self-check skipped: torch is not installed")
+    print(f"saved {args.dst}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from vgg_flax import predict
+
+    results = predict.predict_files(args.weights, args.images, k=args.top_k)
+    for path, top in zip(args.images, results, strict=True):
+        print(path)
+        for rank, (name, prob) in enumerate(top, 1):
+            print(f"  {rank}. {prob:7.2%}  {name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vgg-flax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--head", default="torchvision")
     p.set_defaults(func=_models)
+
+    p = sub.add_parser("convert", help="convert torchvision/timm VGG weights to a vgg-flax file")
+    p.add_argument("src", help="a .pth/.pt/.bin or .safetensors state dict")
+    p.add_argument("dst", help="the .safetensors file to write (weights, config, preprocessing)")
+    p.add_argument("--head", default="torchvision", choices=("torchvision", "dense", "none"))
+    p.add_argument("--no-verify-hash", action="store_true",
+                   help="skip the sha256 check of a hash prefix in the file name")
+    p.add_argument("--no-check", action="store_true", help="skip the self-check against torch")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("predict", help="top-k classes of images with converted weights")
+    p.add_argument("--weights", required=True, help="a file written by `vgg-flax convert`")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("images", nargs="+")
+    p.set_defaults(func=_predict)
     return parser
 
 

@@ -238,19 +238,25 @@ def load_torchvision(source: str | os.PathLike | Mapping[str, Any], head: str = 
       ConversionError: naming every missing/unexpected key and wrong shape, a hash mismatch, a
         refused pickle or an unreadable file. FileNotFoundError for a missing path.
     """
-    if head not in ("torchvision", "dense", "none"):
-        raise ConversionError(f"head {head!r} has no torchvision weights; use 'torchvision', 'dense' "
-                              "or 'none'")
     where = "the state dict" if isinstance(source, Mapping) else os.fspath(source)
     if verify_hash and not isinstance(source, Mapping):
         weights.verify_hash_prefix(source)
-    state = weights.read_state_dict(source)
+    model, variables, _ = _convert(weights.read_state_dict(source), head, where, model_kwargs)
+    return model, variables
+
+
+def _convert(state: dict[str, np.ndarray], head: str, where: str, model_kwargs: dict[str, Any]
+             ) -> tuple[VGG, dict[str, Any], Architecture]:
+    """load_torchvision after reading: infer, check every key, then build (consumes `state`)."""
+    if head not in ("torchvision", "dense", "none"):
+        raise ConversionError(f"head {head!r} has no torchvision weights; use 'torchvision', 'dense' "
+                              "or 'none'")
     arch = infer_architecture(state, **model_kwargs)
     if head != "none" and arch.has_classifier and _nan_classifier(state, arch):
         warnings.warn(f"{where}: the classifier weights are NaN (torchvision's IMAGENET1K_FEATURES "
                       "file): loading the features only (head='none'). These weights expect 0-255 "
                       "input: normalise with vgg_flax.preprocessing.get_preset('imagenet1k_features').",
-                      stacklevel=2)
+                      stacklevel=3)
         head = "none"
     rules, ignored = conversion_rules(arch, with_classifier=head != "none")
     check_state(state, rules, ignored, where)
@@ -258,9 +264,9 @@ def load_torchvision(source: str | os.PathLike | Mapping[str, Any], head: str = 
               "num_classes": arch.num_classes, "fc_width": arch.fc_width, "head": head}
     model = VGG(**fields)
     variables = _build(state, rules, dtype=model.param_dtype)
-    del state
+    state.clear()  # drop the source tensors (and a .pth file's memory map) before returning
     weights.check_variables(model, variables, where)
-    return model, variables
+    return model, variables, arch
 
 
 def to_torchvision(model: VGG, variables: Mapping[str, Any], layout: str = "torchvision"
@@ -356,3 +362,34 @@ def self_check(model: VGG, variables: Mapping[str, Any], size: tuple[int, int] =
     if model.head == "none":
         got = got.transpose(0, 3, 1, 2)
     return float(np.max(np.abs(got - expected))), float(np.max(np.abs(expected)))
+
+
+def convert_file(source: str | os.PathLike, destination: str | os.PathLike, *,
+                 head: str = "torchvision", verify_hash: bool = True, check: bool = True
+                 ) -> dict[str, Any]:
+    """`vgg-flax convert`: a torchvision/timm file into a `save_pretrained` file, with a report.
+
+    Returns a dict: config, batch_norm, layout, num_classes, head, params (count), preprocessing,
+    sha256, hash_prefix (verified, or None), max_abs_diff / max_abs_logit (None without torch).
+    """
+    from vgg_flax.models import count_params
+
+    prefix, sha256 = weights.verify_hash_prefix(source) if verify_hash else (None, None)
+    model, variables, arch = _convert(weights.read_state_dict(source), head, os.fspath(source), {})
+    features_only = model.head == "none" and head != "none"
+    preset = "imagenet1k_features" if features_only else "torchvision"
+    sha256 = sha256 or weights.file_sha256(source)
+    weights.save_pretrained(destination, model, variables, preprocessing=preset,
+                            source=os.path.basename(os.fspath(source)), source_sha256=sha256)
+    report = {"config": model.config, "batch_norm": model.batch_norm,
+              "layout": arch.layout, "num_classes": model.num_classes,
+              "head": model.head, "features_only": features_only, "params": count_params(variables),
+              "preprocessing": preset, "sha256": sha256, "hash_prefix": prefix,
+              "max_abs_diff": None, "max_abs_logit": None}
+    if check:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return report
+        report["max_abs_diff"], report["max_abs_logit"] = self_check(model, variables)
+    return report
