@@ -1,0 +1,207 @@
+"""Orbax checkpoints of a training run: save, resume, survive crashes, load for inference.
+
+A checkpoint step holds two items: "state" (the TrainState pytree: step, params, batch statistics,
+optimizer state, RNG key, plateau scale) and "meta" (JSON: the plateau rule's state and the class
+count). Orbax writes each step into a temporary directory and renames it when complete, so a
+process killed mid-save leaves no step that looks finished; a step that is nevertheless unreadable
+(a disk error, a file truncated by hand) is moved aside to `checkpoints_corrupt/` with a warning and
+the previous step is restored instead.
+
+Retention: the last `keep` steps plus the best one by `eval_top1`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "checkpoints_corrupt"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was required."""
+
+
+def _ocp():
+    import orbax.checkpoint as ocp  # heavy import, only when checkpoints are touched
+
+    return ocp
+
+
+class Checkpoints:
+    """A CheckpointManager over `workdir/checkpoints` with the project's retention and fallback.
+
+    Args:
+      workdir: the run's directory.
+      keep: how many of the latest steps to keep (the best by eval_top1 is kept as well).
+      async_save: write in a background thread while training continues.
+    """
+
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+        self.keep, self.async_save = keep, async_save
+        self._manager = self._open()
+
+    def _open(self):
+        ocp = _ocp()
+        policies = ocp.checkpoint_managers
+        preserve = policies.AnyPreservationPolicy([
+            policies.LatestN(n=self.keep),
+            policies.BestN(get_metric_fn=lambda m: m["eval_top1"], reverse=False, n=1,
+                           keep_checkpoints_without_metrics=False)])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=preserve, enable_async_checkpointing=self.async_save,
+            cleanup_tmp_directories=True, create=True)
+        return ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self._manager.best_step()
+
+    def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
+        """Starts saving `state` at `step` (returns before the write ends when async)."""
+        ocp = _ocp()
+        if step in self._manager.all_steps():
+            return
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self._manager.save(step, args=args, metrics=metrics, force=True)
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """(state, meta) at `step`; `abstract_state` gives shapes, dtypes and shardings."""
+        ocp = _ocp()
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        out = self._manager.restore(step, args=args)
+        return out["state"], out["meta"]
+
+    def restore_latest_good(self, abstract_state: Any) -> tuple[Any, dict] | None:
+        """The newest readable checkpoint, moving unreadable ones aside; None if there is none.
+
+        Every process tries the same steps in the same order, so all agree on the step restored.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                return self.restore(step, abstract_state)
+            except Exception as err:  # orbax raises many types for damaged files
+                logging.warning("checkpoint step %d in %s is unreadable (%s: %s); falling back to the "
+                                "previous one", step, self.directory, type(err).__name__, err)
+                self._quarantine(step)
+        return None
+
+    def _quarantine(self, step: int) -> None:
+        """Moves a damaged step out of the manager's directory (kept for inspection)."""
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            dst = os.path.join(self.workdir, CORRUPT_DIR, f"{step}-{int(time.time())}")
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if os.path.exists(src):
+                shutil.move(src, dst)
+        self._manager.close()
+        self._manager = self._open()
+
+    def read_state_numpy(self, step: int) -> dict:
+        """The saved state at `step` as nested dicts of numpy arrays, on any number of devices."""
+        ocp = _ocp()
+        metadata = self._manager.item_metadata(step)["state"]
+        tree = metadata.tree if hasattr(metadata, "tree") else metadata
+        item = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+        out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item)))
+        return out["state"]
+
+
+def abstract_like(state: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs with shardings: the restore target for `state`'s structure."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), state, shardings)
+
+
+def write_config(workdir: str, config_dict: dict) -> None:
+    """The resolved config as JSON (process 0 only), so a run can be rebuilt for inference."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def read_config(workdir: str) -> dict:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} not found: {workdir!r} is not a vgg-flax training workdir")
+    with open(path) as f:
+        return json.load(f)
+
+
+def model_from_config(model_cfg: dict, *, num_classes: int, dtype: str = "float32"):
+    """The VGG module a config's `model` section describes (see configs/default.py)."""
+    import jax.numpy as jnp
+
+    from vgg_flax import models
+
+    kwargs = dict(batch_norm=model_cfg["batch_norm"], head=model_cfg["head"],
+                  num_classes=num_classes, dropout_rate=model_cfg["dropout_rate"],
+                  fc_width=model_cfg["fc_width"], small_head_width=model_cfg["small_head_width"],
+                  weight_init=model_cfg["weight_init"], dtype=jnp.dtype(dtype))
+    arch = model_cfg["config"]
+    config = arch if isinstance(arch, str) else models.resolve_config(arch)
+    return models.VGG(config=config, **kwargs)
+
+
+def load_for_inference(workdir: str, *, which: str = "latest"):
+    """(model, variables) of a training run, for evaluation and prediction.
+
+    Args:
+      workdir: a directory written by `training.train_and_evaluate`.
+      which: "latest" or "best" (by eval_top1; falls back to latest when no eval was saved).
+    Returns:
+      the VGG module (float32 compute) and {"params", ["batch_stats"]} as numpy arrays.
+    """
+    if which not in ("latest", "best"):
+        raise ValueError(f"which must be 'latest' or 'best', not {which!r}")
+    config = read_config(workdir)
+    ckpt = Checkpoints(workdir, async_save=False)
+    try:
+        step = (ckpt.best_step() if which == "best" else None) or ckpt.latest_step()
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {ckpt.directory}")
+        state = ckpt.read_state_numpy(step)
+    finally:
+        ckpt.close()
+    num_classes = int(np.shape(jax.tree_util.tree_leaves(_classifier(state["params"]))[-1])[-1])
+    model = model_from_config(config["model"], num_classes=num_classes)
+    variables = {"params": state["params"]}
+    if state.get("batch_stats"):
+        variables["batch_stats"] = state["batch_stats"]
+    return model, variables
+
+
+def _classifier(params: dict) -> dict:
+    """The last classifier layer's parameters (fc3 or head_out)."""
+    for name in ("fc3", "head_out"):
+        if name in params:
+            return {"bias": params[name]["bias"]}
+    raise CheckpointError("the checkpoint has no classifier layer (fc3 or head_out)")

@@ -1,0 +1,106 @@
+"""Where a run's numbers go: metrics.jsonl, TensorBoard events and a progress display.
+
+Only process 0 writes. `metrics.jsonl` holds one JSON object per line: training rows
+{"step", "train_loss", "train_accuracy", "learning_rate", "images_per_sec"} and evaluation rows
+{"step", "eval_loss", "eval_top1", "eval_top5"}. On resume, rows after the restored step (written by
+the interrupted run and about to be recomputed) are dropped so the file reads as one clean run.
+TensorFlow is imported only when TensorBoard logging is on and the first scalar is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def truncate_after(path: str, step: int) -> None:
+    """Keeps only rows with row["step"] <= step (process 0)."""
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(rows)
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    """Appends rows to metrics.jsonl and (optionally) TensorBoard; shows progress.
+
+    Args:
+      workdir: the run directory.
+      total_steps: for the progress bar's ETA.
+      start_step: where this (possibly resumed) run starts.
+      tensorboard: also write TensorBoard event files to the workdir.
+      progress: "auto" (a tqdm bar on a terminal, plain lines otherwise), "bar", "lines" or "none".
+    """
+
+    def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
+                 tensorboard: bool = True, progress: str = "auto"):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self.workdir, self.tensorboard, self.total = workdir, tensorboard, total_steps
+        self._writer = None
+        self._bar = None
+        self._t0, self._step0 = time.time(), start_step
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        truncate_after(self.path, start_step)
+        if progress == "auto":
+            progress = "bar" if sys.stderr.isatty() else "lines"
+        if progress == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.progress = progress
+
+    def write(self, row: dict) -> None:
+        """One row ({"step": int, name: float, ...}) to every sink."""
+        if not self.enabled:
+            return
+        row = {"step": int(row["step"]), **{k: float(v) for k, v in row.items() if k != "step"}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tensorboard:
+            self._tb_scalars(row)
+        self._show(row)
+
+    def _tb_scalars(self, row: dict) -> None:
+        if self._writer is None:
+            import tensorflow as tf  # lazily: TensorFlow is slow to import
+
+            self._writer = tf.summary.create_file_writer(self.workdir)
+        import tensorflow as tf
+
+        with self._writer.as_default(step=row["step"]):
+            for k, v in row.items():
+                if k != "step":
+                    tf.summary.scalar(k, v)
+        self._writer.flush()
+
+    def _show(self, row: dict) -> None:
+        step = row["step"]
+        if self._bar is not None:
+            self._bar.n = step
+            shown = {k: f"{v:.4g}" for k, v in row.items()
+                     if k in ("train_loss", "train_accuracy", "images_per_sec", "eval_top1")}
+            self._bar.set_postfix(shown, refresh=True)
+        elif self.progress == "lines":
+            done = max(step - self._step0, 1)
+            eta = (time.time() - self._t0) / done * max(self.total - step, 0)
+            text = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step")
+            print(f"step {step}/{self.total} {text} eta={eta:.0f}s", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
