@@ -1,0 +1,332 @@
+"""Input pipelines: TFDS datasets, the embedded digits and image folders, as batches of numpy arrays.
+
+    ds = create_dataset("sklearn_digits", "train", batch_size=128, train=True, image_size=32,
+                        augment="shift", normalization="symmetric")
+    batch = next(ds)   # {"image": float32[B, 32, 32, 3], "label": int32[B], "mask": bool[B]}
+
+Names: any prepared TFDS image-classification dataset ("imagenet2012", "cifar10", ...; its "image" and
+"label" features), an embedded dataset (`vgg_flax.datasets.EMBEDDED`, built locally on first use, no
+download) or "folder:/path/to/root" (`vgg_flax.datasets.folder`).
+
+Training streams are infinite, shuffled and augmented, and their order is a pure function of
+(seed, process, step): epoch e is the split shuffled with a seed derived from (seed, process, e), and
+every example's augmentation draws stateless random numbers keyed by its position in the stream, so a
+run restarted with `start_step=s` sees exactly the batches s, s+1, ... of the original run (skipping
+into the current epoch costs reading, not decoding, up to one epoch of records). The shuffle is uniform
+over the split when `shuffle_buffer` >= its size (the default up to 65,536 examples) and a windowed
+shuffle beyond that, as usual with TFRecords. Evaluation streams are one pass in a fixed order; the last
+batch is padded with `mask` False, and every process yields the same number of batches (multi-host
+SPMD needs that) while each real example appears exactly once.
+
+TensorFlow is imported only inside the functions here and is hidden from GPUs/TPUs, so it never takes
+accelerator memory from JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from vgg_flax import preprocessing
+from vgg_flax.datasets import EMBEDDED, folder
+
+AUGMENTATIONS = ("paper", "inception", "shift", "flip", "none")
+EVAL_VIEWS = ("center", "full", "multicrop")
+FOLDER_PREFIX = "folder:"
+# Defaults of `create_dataset(**options)`; anything else is a TypeError.
+OPTIONS: dict[str, Any] = {
+    "scale_range": None,    # paper: (S_min, S_max) short side, jittered; default round(size * 256 / 224)
+    "color_pca": 0.1,       # paper: std of AlexNet's PCA lighting coefficients (0 turns it off)
+    "area_range": (0.08, 1.0), "aspect_range": (3 / 4, 4 / 3),  # inception crop
+    "shift": None,          # shift: max translation in pixels (zero padding); default image_size // 8
+    "eval_resize": None,    # eval: short side Q; default image_size for fixed-size datasets, else *256/224
+    "eval_views": "center",  # eval: "center" crop, "full" Q x Q square (dense eval), "multicrop" grid
+    "multicrop_grid": 5,    # multicrop: grid x grid crops, each also flipped
+    "cache": False,         # keep decoded images in memory (small datasets)
+    "shuffle_buffer": 65536,
+    "download": False,      # let TFDS download a public dataset that is not prepared yet
+}
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a pipeline needs to know about a dataset before reading it.
+
+    Attributes:
+      name: as passed to `dataset_info`.
+      num_classes, class_names: the label space.
+      image_shape: (H, W, 3) when every image has that size (cifar10, the digits), else None.
+    """
+
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int] | None
+    _sizes: Callable[[str], int] = dataclasses.field(repr=False)
+    _skipped: Callable[[str], tuple] = dataclasses.field(repr=False, default=lambda split: ())
+
+    def num_examples(self, split: str) -> int:
+        """Exact number of (readable) examples in a split, TFDS slicing such as "train[:10%]" allowed."""
+        return self._sizes(split)
+
+    def skipped(self, split: str) -> tuple[tuple[str, str], ...]:
+        """(path, reason) of the unreadable files the folder reader skipped in a split; () for TFDS."""
+        return self._skipped(split)
+
+
+def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
+    """The `DatasetInfo` of a TFDS name, an embedded dataset or "folder:/root"."""
+    if name.startswith(FOLDER_PREFIX):
+        root = name[len(FOLDER_PREFIX):]
+        index, _ = folder.folder_split(root, "train" if _folder_has(root, "train") else "all")
+        return DatasetInfo(name=name, num_classes=len(index.class_names), class_names=index.class_names,
+                           image_shape=None, _sizes=lambda split: _folder_size(root, split),
+                           _skipped=lambda split: folder.folder_split(root, split)[0].skipped)
+    builder = _tfds_builder(name, data_dir, download=False)
+    label, image = builder.info.features["label"], builder.info.features["image"]
+    shape = tuple(image.shape)
+    return DatasetInfo(name=name, num_classes=label.num_classes, class_names=tuple(label.names),
+                       image_shape=shape if None not in shape else None,
+                       _sizes=lambda split: builder.info.splits[split].num_examples)
+
+
+def _folder_has(root: str, split: str) -> bool:
+    try:
+        folder.split_directory(root, split)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _folder_size(root: str, split: str) -> int:
+    _, part = folder.folder_split(root, split)
+    return part.stop - part.start
+
+
+def _tfds_builder(name: str, data_dir: str | None, *, download: bool):
+    """A prepared TFDS builder; embedded datasets are built locally (offline) on first use."""
+    _hide_accelerators_from_tensorflow()
+    import tensorflow_datasets as tfds
+
+    if name in EMBEDDED:
+        from vgg_flax.datasets import get_builder_class
+
+        builder = get_builder_class(name)(data_dir=data_dir)
+        builder.download_and_prepare()  # No download: a no-op once built.
+        return builder
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        if not download:
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}; prepare it with `tfds build "
+                f"{name} --data_dir=...` (ImageNet needs its manual download), or pass download=True")
+        builder.download_and_prepare()
+    return builder
+
+
+def _hide_accelerators_from_tensorflow() -> None:
+    """Keeps TensorFlow (used only for input) off GPUs/TPUs, before it initialises them."""
+    import tensorflow as tf
+
+    for kind in ("GPU", "TPU"):
+        try:
+            tf.config.set_visible_devices([], kind)
+        except (RuntimeError, ValueError) as error:  # Already initialised, or no such device type.
+            logger.debug("tf.config.set_visible_devices([], %r): %s", kind, error)
+
+
+def create_dataset(name: str, split: str, *, batch_size: int, train: bool, image_size: int,
+                   data_dir: str | None = None, seed: int = 0, start_step: int = 0,
+                   augment: str = "paper", normalization: str = "torchvision",
+                   process_index: int | None = None, process_count: int | None = None,
+                   **options) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of one process's share of a split: {"image", "label", "mask"} numpy arrays.
+
+    Args:
+      name, split, data_dir: see the module docstring; `split` may use TFDS slicing.
+      batch_size: per-process batch size.
+      train: infinite, shuffled, augmented, `drop_remainder` (mask all True); else one ordered pass
+        with the last batch padded (mask False on padding).
+      image_size: output size S of the (square) crops.
+      seed, start_step: the training order is a function of (seed, process, step); see module doc.
+      augment: training augmentation, one of AUGMENTATIONS (see `train_transform`).
+      normalization: a `vgg_flax.preprocessing.PRESETS` name.
+      process_index, process_count: this process's even share of the split (default: JAX's).
+      **options: keys of OPTIONS.
+    Returns:
+      An iterator of {"image": float32[B, S, S, 3] (float32[B, V, S, S, 3] for eval_views="multicrop"),
+      "label": int32[B], "mask": bool[B]}.
+    """
+    opts = _check_options(options, augment)
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    source = _Source.create(name, split, data_dir, process_index, process_count, opts["download"])
+    norm = preprocessing.get_preset(normalization)
+    if train:
+        ds = _train_stream(source, batch_size=batch_size, image_size=image_size, seed=seed,
+                           start_step=start_step, augment=augment, norm=norm, opts=opts)
+    else:
+        ds = _eval_stream(source, batch_size=batch_size, image_size=image_size, norm=norm, opts=opts)
+    return ds.as_numpy_iterator()
+
+
+def _check_options(options: dict, augment: str) -> dict:
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown create_dataset options {sorted(unknown)}; valid: {sorted(OPTIONS)}")
+    if augment not in AUGMENTATIONS:
+        raise KeyError(f"unknown augment {augment!r}; valid: {AUGMENTATIONS}")
+    opts = {**OPTIONS, **options}
+    if opts["eval_views"] not in EVAL_VIEWS:
+        raise KeyError(f"unknown eval_views {opts['eval_views']!r}; valid: {EVAL_VIEWS}")
+    return opts
+
+
+def even_shares(n: int, count: int) -> list[int]:
+    """Sizes of `count` contiguous shares of n examples, the first n % count one larger (as TFDS)."""
+    return [n // count + (1 if i < n % count else 0) for i in range(count)]
+
+
+@dataclasses.dataclass
+class _Source:
+    """One process's undecoded examples {"raw", "label"}, a decoder and every process's share size."""
+
+    raw: Any  # tf.data.Dataset
+    decode: Callable
+    shares: list[int]
+    index: int
+    fixed_size: bool
+
+    @classmethod
+    def create(cls, name, split, data_dir, process_index, process_count, download):
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        _hide_accelerators_from_tensorflow()
+        import tensorflow as tf
+
+        if name.startswith(FOLDER_PREFIX):
+            index, part = folder.folder_split(name[len(FOLDER_PREFIX):], split)
+            shares = even_shares(part.stop - part.start, process_count)
+            start = part.start + sum(shares[:process_index])
+            sel = slice(start, start + shares[process_index])
+            raw = tf.data.Dataset.from_tensor_slices(
+                {"raw": np.asarray(index.files[sel], dtype=object).astype(str) if shares[process_index]
+                 else np.zeros([0], str), "label": index.labels[sel]})
+            return cls(raw, _decode_file, shares, process_index, fixed_size=False)
+        import tensorflow_datasets as tfds
+
+        builder = _tfds_builder(name, data_dir, download=download)
+        parts = tfds.even_splits(split, n=process_count)
+        shares = [builder.info.splits[p].num_examples for p in parts]
+        raw = builder.as_dataset(split=parts[process_index], shuffle_files=False,
+                                 decoders={"image": tfds.decode.SkipDecoding()},
+                                 read_config=tfds.ReadConfig(try_autocache=False))  # cache= decides
+        raw = raw.map(lambda ex: {"raw": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
+        shape = tuple(builder.info.features["image"].shape)
+        return cls(raw, _decode_bytes, shares, process_index, fixed_size=None not in shape)
+
+
+def _decode_bytes(raw):
+    import tensorflow as tf
+
+    image = tf.io.decode_image(raw, channels=3, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def _decode_file(path):
+    import tensorflow as tf
+
+    image = tf.numpy_function(lambda p: folder.load_rgb(p.decode()), [path], tf.uint8, stateful=False)
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def _decoded(source: _Source, cache: bool):
+    """(examples, decoded?): decoding before the shuffle only when caching the decoded images."""
+    if not cache:
+        return source.raw, False
+    import tensorflow as tf
+
+    ds = source.raw.map(lambda ex: {"raw": source.decode(ex["raw"]), "label": ex["label"]},
+                        num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.cache(), True
+
+
+def _options():
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.map_parallelization = True
+    return options
+
+
+def _train_stream(source, *, batch_size, image_size, seed, start_step, augment, norm, opts):
+    import tensorflow as tf
+
+    from vgg_flax.datasets import transforms
+
+    n = source.shares[source.index]
+    if n < batch_size:
+        raise ValueError(f"this process has {n} training examples, fewer than batch_size {batch_size}")
+    examples, decoded = _decoded(source, opts["cache"])
+    buffer = max(1, min(n, opts["shuffle_buffer"]))
+    base = (seed * 1_000_003 + source.index * 7_919) % (2**62)
+
+    def epoch(e):
+        return examples.shuffle(buffer, seed=base + e * 104_729, reshuffle_each_iteration=False)
+
+    first = start_step * batch_size
+    stream = tf.data.Dataset.range(first // n, 2**62).flat_map(epoch).skip(first % n)
+    stream = tf.data.Dataset.zip(tf.data.Dataset.range(first, 2**62), stream)
+    augment_fn = transforms.train_transform(augment, image_size=image_size, options=opts)
+    key = tf.constant([seed % (2**31), source.index], tf.int64)
+
+    def prepare(position, ex):
+        image = ex["raw"] if decoded else source.decode(ex["raw"])
+        rng = tf.random.experimental.stateless_fold_in(key, position)
+        pixels = augment_fn(image, rng)
+        return {"image": transforms.normalize(pixels, norm), "label": ex["label"],
+                "mask": tf.constant(True)}
+
+    ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_options())
+
+
+def default_eval_resize(image_size: int, fixed_size: bool, norm: preprocessing.Normalization) -> int:
+    """Q: image_size for fixed-size datasets (no rescale), else the preset's ratio (256/224 * S)."""
+    return image_size if fixed_size else int(round(image_size * norm.resize / norm.crop))
+
+
+def _eval_stream(source, *, batch_size, image_size, norm, opts):
+    import tensorflow as tf
+
+    from vgg_flax.datasets import transforms
+
+    resize = opts["eval_resize"] or default_eval_resize(image_size, source.fixed_size, norm)
+    view = transforms.eval_transform(opts["eval_views"], image_size=image_size, resize=resize,
+                                     grid=opts["multicrop_grid"])
+    examples, decoded = _decoded(source, opts["cache"])
+
+    def prepare(ex):
+        image = ex["raw"] if decoded else source.decode(ex["raw"])
+        return {"image": transforms.normalize(view(image), norm), "label": ex["label"],
+                "mask": tf.constant(True)}
+
+    ds = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    num_batches = math.ceil(max(source.shares) / batch_size)
+    padding = num_batches * batch_size - source.shares[source.index]
+    blank = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
+    blank["mask"] = tf.constant(False)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_options())
