@@ -149,6 +149,33 @@ def _conv_signature(state: Mapping[str, np.ndarray]) -> tuple[tuple[int, ...], .
     return tuple(sorted(convs))
 
 
+def _expected_signature(config, batch_norm: bool) -> tuple[tuple[int, ...], ...]:
+    rules, _ = feature_rules(config, batch_norm)
+    return tuple((int(r.key.split(".")[1]), *r.shape[:3]) for r in rules if r.kind == "conv")
+
+
+def _describe_conv(signature: tuple[int, ...]) -> str:
+    i, o, c, k = signature
+    return f"features.{i}.weight of shape {(o, c, k, k)}"
+
+
+def _check_config(state: Mapping[str, np.ndarray], config, batch_norm: bool) -> None:
+    """An explicit config must fit the weights' conv layers; names the first one that does not."""
+    found, expected = _conv_signature(state), _expected_signature(config, batch_norm)
+    if found == expected:
+        return
+    n = min(len(found), len(expected))
+    j = next((j for j in range(n) if found[j] != expected[j]), n)
+    want = _describe_conv(expected[j]) if j < len(expected) else "no further conv"
+    have = _describe_conv(found[j]) if j < len(found) else "no further conv"
+    try:
+        detected = f"; the weights look like config {_match_config(state, batch_norm)!r}"
+    except ConversionError:
+        detected = ""
+    raise ConversionError(f"the weights are not VGG config {config!r} (batch_norm={batch_norm}): "
+                          f"expected {want}, found {have}{detected}")
+
+
 def _match_config(state: Mapping[str, np.ndarray], batch_norm: bool) -> str:
     """The paper config whose torchvision layout has exactly this state dict's conv keys/shapes."""
     found = _conv_signature(state)
@@ -157,9 +184,7 @@ def _match_config(state: Mapping[str, np.ndarray], batch_norm: bool) -> str:
         raise ConversionError("not a VGG state dict: no 'features.N.weight' conv kernels "
                               f"(found keys such as {sample})")
     for name in CONFIGS:
-        rules, _ = feature_rules(name, batch_norm)
-        expected = tuple((int(r.key.split(".")[1]), *r.shape[:3]) for r in rules if r.kind == "conv")
-        if expected == found:
+        if _expected_signature(name, batch_norm) == found:
             return name
     convs = ", ".join(f"features.{i}: {o}x{c}x{k}x{k}" for i, o, c, k in found)
     raise ConversionError(f"the conv layers match no VGG config {sorted(CONFIGS)} "
@@ -174,7 +199,11 @@ def infer_architecture(state: Mapping[str, np.ndarray], **model_kwargs) -> Archi
     batch_norm = model_kwargs.get("batch_norm")
     if batch_norm is None:
         batch_norm = any(_FEATURE_KEY.match(k) and k.endswith(".running_mean") for k in state)
-    config = model_kwargs.get("config") or _match_config(state, batch_norm)
+    config = model_kwargs.get("config")
+    if config is None:
+        config = _match_config(state, batch_norm)
+    else:
+        _check_config(state, config, batch_norm)
     fc1, fc3 = state.get(f"{k1}.weight"), state.get(f"{k3}.weight")
     fc_width = model_kwargs.get("fc_width") or (fc1.shape[0] if fc1 is not None else 4096)
     num_classes = model_kwargs.get("num_classes") or (fc3.shape[0] if fc3 is not None else 1000)
@@ -193,8 +222,9 @@ def check_state(state: Mapping[str, np.ndarray], rules: list[Rule], ignored: lis
     problems += [f"unexpected key {k!r} (shape {tuple(np.shape(v))})" for k, v in state.items()
                  if k not in wanted and k not in ignored]
     if problems:
+        more = [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
         raise ConversionError(f"cannot convert {where}: {len(problems)} problem(s):\n  "
-                              + "\n  ".join(problems))
+                              + "\n  ".join(problems[:20] + more))
 
 
 def _nan_classifier(state: Mapping[str, np.ndarray], arch: Architecture) -> bool:
@@ -283,7 +313,7 @@ def to_torchvision(model: VGG, variables: Mapping[str, Any], layout: str = "torc
     params_out = model.num_classes
     arch = Architecture(model.config, model.batch_norm, params_out, model.fc_width, layout,
                         model.head != "none")
-    rules, ignored = conversion_rules(arch, with_classifier=arch.has_classifier)
+    rules, _ = conversion_rules(arch, with_classifier=arch.has_classifier)
     flat = weights.flatten_variables(variables)
     state = {}
     for rule in rules:
@@ -294,15 +324,9 @@ def to_torchvision(model: VGG, variables: Mapping[str, Any], layout: str = "torc
         if state[rule.key].shape != rule.shape:
             raise ConversionError(f"{path}: shape {flat[path].shape} does not give {rule.key}'s "
                                   f"{rule.shape}")
-    for key in ignored:
-        if key.endswith("num_batches_tracked"):
-            state[key] = np.array(0, np.int64)
-    return dict(sorted(state.items(), key=lambda kv: _key_order(kv[0])))
-
-
-def _key_order(key: str):
-    m = _FEATURE_KEY.match(key)
-    return (0, int(m.group(1)), key) if m else (1, 0, key)
+        if rule.key.endswith(".running_var"):  # torchvision's key order: the counter comes last
+            state[rule.key[:-len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
+    return state
 
 
 def torch_reference(model: VGG):
