@@ -4,6 +4,7 @@ Subcommands:
   models    list the configs and builders with their parameter counts
   convert   torchvision/timm weights (.pth, .safetensors) into a vgg-flax weights file
   predict   top-5 ImageNet classes of image files with a converted weights file
+  eval      top-1/top-5 with the paper's test protocols over a TFDS split or an image folder
 """
 
 from __future__ import annotations
@@ -62,6 +63,47 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_source(args: argparse.Namespace):
+    """(model, variables, defaults) from a converted weights file or a training workdir."""
+    if bool(args.weights) == bool(args.workdir):
+        raise SystemExit("vgg-flax eval: give exactly one of --weights and --workdir")
+    if args.weights:
+        from vgg_flax import weights
+
+        model, variables = weights.load_pretrained(args.weights)
+        meta = weights.pretrained_metadata(args.weights)
+        return model, variables, {"normalization": meta["preprocessing"], "split": "validation",
+                                  "image_size": 224, "data_dir": None, "dataset": None}
+    from vgg_flax import checkpoints
+
+    model, variables = checkpoints.load_for_inference(args.workdir, which=args.which)
+    cfg = checkpoints.read_config(args.workdir)
+    return model, variables, {"normalization": cfg["normalization"], "split": cfg["eval_split"],
+                              "image_size": cfg["image_size"], "data_dir": cfg["data_dir"] or None,
+                              "dataset": cfg["dataset"]}
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from vgg_flax import evaluation
+
+    model, variables, defaults = _eval_source(args)  # Weights first: torch must load before TF.
+    given = {"dataset": args.dataset, "split": args.split, "image_size": args.image_size,
+             "data_dir": args.data_dir, "normalization": args.normalization}
+    run = {k: defaults[k] if v is None else v for k, v in given.items()}
+    if not run["dataset"]:
+        raise SystemExit("vgg-flax eval: --dataset is required with --weights")
+    scales = [int(q) for q in args.scales.split(",")] if args.scales else None
+    results = evaluation.evaluate(
+        model, variables, run["dataset"], run["split"], image_size=run["image_size"],
+        protocols=args.protocols.split(","), scales=scales, batch_size=args.batch_size,
+        data_dir=run["data_dir"], normalization=run["normalization"], multicrop_grid=args.grid)
+    print(evaluation.format_table(results))
+    if args.output:
+        evaluation.save_json(results, args.output, weights=args.weights or args.workdir, **run)
+        print(f"saved {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vgg-flax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("images", nargs="+")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("eval", help="top-1/top-5 with the paper's test protocols")
+    p.add_argument("--weights", help="a file written by `vgg-flax convert` (or save_pretrained)")
+    p.add_argument("--workdir", help="a training workdir (its config gives the dataset defaults)")
+    p.add_argument("--which", default="latest", choices=("latest", "best"), help="workdir checkpoint")
+    p.add_argument("--dataset", help="TFDS name, 'sklearn_digits' or 'folder:/path'")
+    p.add_argument("--split", help="default: 'validation' (--weights) or the run's eval split")
+    p.add_argument("--data-dir")
+    p.add_argument("--image-size", type=int, help="crop size S (default 224 or the run's)")
+    p.add_argument("--normalization", help="preset (default: the weights' or the run's)")
+    p.add_argument("--protocols", default="center",
+                   help="comma list of center, dense, multicrop, dense+multicrop")
+    p.add_argument("--scales", help="comma list of test scales Q (default: round(S * 256 / 224), "
+                                    "or S for fixed-size datasets)")
+    p.add_argument("--grid", type=int, default=5, help="multi-crop grid (grid x grid x 2 flips)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--output", help="write the results as JSON here")
+    p.set_defaults(func=_eval)
     return parser
 
 

@@ -1,0 +1,158 @@
+"""Evaluation: each protocol of a tiny model equals a direct computation of the same average; every
+example is counted once when the batch size does not divide the split; the CLI writes the table."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import vgg_flax
+from vgg_flax import evaluation
+from vgg_flax.preprocessing import get_preset
+
+try:  # torch must be imported before TensorFlow initialises, or importing it later segfaults.
+    import torch  # noqa: F401
+except ImportError:
+    pass
+
+Q, S, CLASSES = 64, 32, 10
+# Images whose short side is already Q: the resize is the identity, so the direct computation below
+# needs no resampler and checks crops, flips, heads and averaging exactly.
+SIZES = [(64, 64), (64, 80), (70, 64), (64, 91), (64, 66), (77, 64), (64, 64)]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(SIZES):
+        os.makedirs(root / "val" / f"c{i % 3}", exist_ok=True)
+        y, x = np.mgrid[0:h, 0:w]
+        base = rng.uniform(0, 255, 3) * np.sin(x[..., None] / rng.uniform(3, 9) + y[..., None] / 7.0)
+        pixels = np.clip(128 + base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "val" / f"c{i % 3}" / f"im{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A torchvision-head VGG whose dense head has a 2x2 score map at Q=64, with confident outputs."""
+    model = vgg_flax.VGG(config=(8, "M", 16, "M", 16, "M"), fc_width=16, num_classes=CLASSES)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, S, S, 3)))
+    params = dict(variables["params"])
+    for i, (name, gain) in enumerate([("fc1", 2.0), ("fc2", 2.0), ("fc3", 40.0)]):
+        fan_in, width = params[name]["kernel"].shape
+        kernel = jax.random.normal(jax.random.key(i), (fan_in, width)) * np.sqrt(gain / fan_in)
+        params[name] = {"kernel": kernel, "bias": params[name]["bias"]}
+    return model, {"params": params}
+
+
+def _files(root):
+    return sorted((str(p), int(p.parent.name[1:])) for p in (root / "val").glob("*/*.png"))
+
+
+def _direct(model, variables, root):
+    """Posteriors computed image by image with numpy crops: {protocol: float[N, C]}, labels."""
+    norm = get_preset("symmetric")
+    dense = model.clone(head="dense")
+    apply = {net: jax.jit(lambda v, x, net=net: jax.nn.softmax(net.apply(v, x))) for net in (model, dense)}
+    softmax = lambda net, xs: np.asarray(apply[net](variables, np.stack(xs)))
+    out = {"center": [], "dense": [], "multicrop": []}
+    labels = []
+    for path, label in _files(root):
+        x = norm(np.asarray(Image.open(path).convert("RGB"), np.float32))
+        h, w = x.shape[:2]
+        crop = lambda top, left, size, x=x: x[top:top + size, left:left + size]
+        out["center"].append(softmax(model, [crop(round((h - S) / 2), round((w - S) / 2), S)])[0])
+        square = crop(round((h - Q) / 2), round((w - Q) / 2), Q)
+        out["dense"].append(softmax(dense, [square, square[:, ::-1]]).mean(0))
+        crops = [crop(round(i * (h - S) / 4), round(j * (w - S) / 4), S) for i in range(5) for j in range(5)]
+        out["multicrop"].append(softmax(model, crops + [c[:, ::-1] for c in crops]).mean(0))
+        labels.append(label)
+    return {k: np.stack(v) for k, v in out.items()}, np.asarray(labels)
+
+
+def test_each_protocol_equals_a_direct_computation(tiny, image_folder):
+    model, variables = tiny
+    assert model.clone(head="dense").apply(variables, jnp.zeros((1, Q, Q, 3)),
+                                           taps=("score_map",))[1]["score_map"].shape[1:3] == (2, 2)
+    direct, labels = _direct(model, variables, image_folder)
+    for protocol in ("center", "dense", "multicrop"):
+        probs, got_labels = evaluation.posteriors(
+            model, variables, f"folder:{image_folder}", "val", protocol=protocol, scale=Q, image_size=S,
+            batch_size=3, normalization="symmetric")
+        np.testing.assert_array_equal(got_labels, labels)
+        np.testing.assert_allclose(probs, direct[protocol], atol=2e-5, err_msg=protocol)
+    assert direct["dense"].max() > 0.3  # 3x uniform: confident enough that a wrong average would show.
+    assert not np.allclose(direct["dense"], direct["multicrop"], atol=1e-2)
+
+
+def test_evaluate_combines_protocols_and_counts_every_example_once(tiny, image_folder):
+    model, variables = tiny
+    direct, labels = _direct(model, variables, image_folder)
+    direct["dense+multicrop"] = (direct["dense"] + direct["multicrop"]) / 2
+    results = evaluation.evaluate(model, variables, f"folder:{image_folder}", "val", image_size=S,
+                                  protocols=evaluation.PROTOCOLS, scales=[Q], batch_size=2,
+                                  normalization="symmetric")
+    for protocol, r in results.items():
+        assert r["count"] == len(SIZES) == 7  # 7 images, batches of 2.
+        assert r["top1"] == pytest.approx(np.mean(direct[protocol].argmax(-1) == labels)), protocol
+        top5 = np.argsort(-direct[protocol], axis=-1)[:, :5]
+        assert r["top5"] == pytest.approx(np.mean((top5 == labels[:, None]).any(-1))), protocol
+
+
+def test_multi_scale_averages_the_single_scale_posteriors(tiny, image_folder):
+    model, variables = tiny
+    kw = dict(image_size=S, batch_size=4, normalization="symmetric")
+    name = f"folder:{image_folder}"
+    per_scale = [evaluation.posteriors(model, variables, name, "val", protocol="dense", scale=q, **kw)[0]
+                 for q in (Q, 80)]
+    expected = evaluation.metrics(np.mean(per_scale, axis=0), _direct(model, variables, image_folder)[1])
+    results = evaluation.evaluate(model, variables, name, "val", protocols=["dense"], scales=[Q, 80], **kw)
+    assert results["dense"] == {**expected, "scales": [Q, 80]}
+    assert not np.allclose(per_scale[0], per_scale[1], atol=1e-3)
+
+
+def test_topk_counts_against_hand_examples():
+    probs = np.asarray([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])
+    labels = np.asarray([1, 2, 0])
+    assert evaluation.topk_correct(probs, labels, 1) == 1
+    assert evaluation.topk_correct(probs, labels, 2) == 2
+    assert evaluation.topk_correct(probs, labels, 5) == 3
+    assert evaluation.metrics(probs, labels) == {"top1": 1 / 3, "top5": 1.0, "count": 3}
+
+
+def test_digits_test_split_is_counted_exactly(tmp_path):
+    model = vgg_flax.VGG(config=(8, "M", 8, "M"), head="small", small_head_width=0, num_classes=10)
+    variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+    results = evaluation.evaluate(model, variables, "sklearn_digits", "test", image_size=32,
+                                  protocols=["center", "dense"], batch_size=64,
+                                  data_dir=str(tmp_path), normalization="symmetric")
+    assert results["center"]["count"] == results["dense"]["count"] == 359  # 64 does not divide 359.
+    assert results["center"]["scales"] == [32]  # Fixed-size images: no rescaling by default.
+    assert 0.0 <= results["center"]["top1"] <= results["center"]["top5"] <= 1.0
+
+
+def test_cli_eval_prints_and_saves_the_table(tiny, image_folder, tmp_path, capsys):
+    from vgg_flax import cli
+    from vgg_flax.weights import save_pretrained
+
+    model, variables = tiny
+    weights = tmp_path / "tiny.safetensors"
+    save_pretrained(weights, model, variables, preprocessing="symmetric",
+                    classes=[f"k{i}" for i in range(CLASSES)])
+    out = tmp_path / "eval.json"
+    code = cli.main(["eval", "--weights", str(weights), "--dataset", f"folder:{image_folder}",
+                     "--split", "val", "--image-size", str(S), "--scales", str(Q),
+                     "--protocols", "center,dense+multicrop", "--batch-size", "3", "--output", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "dense+multicrop" in printed and "protocol" in printed
+    saved = json.loads(out.read_text())
+    assert saved["results"]["center"]["count"] == 7 and saved["normalization"] == "symmetric"
+    direct, labels = _direct(model, variables, image_folder)
+    assert saved["results"]["center"]["top1"] == pytest.approx(np.mean(direct["center"].argmax(-1) == labels))
