@@ -1,0 +1,121 @@
+"""vgg_flax.conv: the CPU speed path computes the same outputs and gradients as plain `jax.grad`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vgg_flax
+from vgg_flax import conv
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+
+
+def _plain(x, kernel):
+    p = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _data(n, h, w, c, d, k, dtype, seed=0):
+    kx, kk, kg = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (n, h, w, c), jnp.float32).astype(dtype)
+    kernel = (jax.random.normal(kk, (k, k, c, d), jnp.float32) / np.sqrt(k * k * c)).astype(dtype)
+    g = jax.random.normal(kg, (n, h, w, d), jnp.float32).astype(dtype)
+    return x, kernel, g
+
+
+# VGG's conv shapes scaled down: the first conv (C=3), square and widening convs, odd sizes after
+# pools (7, 14 -> 7), config C's 1x1, and maps at or above conv._MIN_PIXELS (the blocked path).
+SHAPES = [(2, 64, 64, 3, 8, 3), (2, 56, 56, 16, 16, 3), (1, 60, 60, 8, 16, 3), (3, 57, 57, 4, 8, 3),
+          (2, 14, 14, 16, 32, 3), (2, 7, 7, 32, 32, 3), (2, 28, 28, 16, 16, 1), (1, 1, 1, 8, 8, 3)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_custom_vjp_matches_plain_grad(shape, dtype):
+    n, h, w, c, d, k = shape
+    x, kernel, g = _data(n, h, w, c, d, k, dtype)
+    y_ref, vjp_ref = jax.vjp(_plain, x, kernel)
+    y, vjp = jax.vjp(lambda a, b: conv.conv_same_cpu(a, b, k), x, kernel)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    for got, want in zip(jax.jit(vjp)(g), jax.jit(vjp_ref)(g), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert _rel(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3, 4, 3), (1, 9, 5, 2, 3, 3), (2, 6, 6, 4, 4, 5),
+                                   (1, 4, 4, 2, 2, 1)])
+def test_filter_grad_blocked_equals_definition(shape):
+    """Direct definition in float64 numpy: dk[i,j,c,d] = sum x_pad[n,h+i,w+j,c] g[n,h,w,d]."""
+    n, h, w, c, d, k = shape
+    x, _, g = _data(n, h, w, c, d, k, jnp.float32, seed=1)
+    p = k // 2
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (p, p), (p, p), (0, 0)))
+    gn = np.asarray(g, np.float64)
+    want = np.stack([np.einsum("nhwc,nhwd->cd", xp[:, i:i + h, j:j + w], gn)
+                     for i in range(k) for j in range(k)]).reshape(k, k, c, d)
+    got = jax.jit(lambda a, b: conv.filter_grad_blocked(a, b, ksize=k))(x, g)
+    assert _rel(got, want) < 1e-5
+
+
+def test_rows_per_block_divides_height():
+    for n, h, w in [(8, 224, 224), (8, 112, 112), (8, 56, 56), (32, 32, 32), (1, 57, 57), (64, 7, 7)]:
+        r = conv._rows_per_block(n, h, w)
+        assert h % r == 0 and r >= 1
+        assert n * r * w <= conv._TARGET_BLOCK_ROWS or r == 1
+
+
+def test_impl_names_and_backend_choice():
+    assert conv.resolve_impl("auto") == ("cpu" if jax.default_backend() == "cpu" else "xla")
+    with pytest.raises(KeyError, match="valid"):
+        conv.resolve_impl("fast")
+
+
+def test_other_convs_fall_back_to_lax():
+    """Strided, dilated, VALID and NCHW convs are not VGG's: the drop-in must compute them unchanged."""
+    f = conv.make_conv_general_dilated("cpu")
+    x, kernel, _ = _data(1, 9, 9, 3, 4, 3, jnp.float32)
+    for kwargs in [dict(window_strides=(2, 2), padding=((1, 1), (1, 1))),
+                   dict(window_strides=(1, 1), padding="VALID"),
+                   dict(window_strides=(1, 1), padding=((2, 2), (2, 2)), rhs_dilation=(2, 2))]:
+        want = jax.lax.conv_general_dilated(x, kernel, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            **kwargs)
+        got = f(x, kernel, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs)
+        np.testing.assert_array_equal(got, want)
+
+
+TINY = (8, "M", 16, (16, 1), "M", 16)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["plain", "bn"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_vgg_train_grads_match_xla(batch_norm, dtype):
+    """The whole model: same logits, BN statistics and parameter gradients under both conv paths."""
+    kw = dict(config=TINY, batch_norm=batch_norm, head="small", num_classes=5, small_head_width=8,
+              dtype=dtype)
+    fast, plain = vgg_flax.VGG(conv_impl="cpu", **kw), vgg_flax.VGG(conv_impl="xla", **kw)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    labels = jnp.array([1, 3])
+    variables = plain.init(jax.random.key(1), x)
+
+    def loss(model, params):
+        logits, upd = model.apply({**variables, "params": params}, x, train=True,
+                                  mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
+        return jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels]), (logits, upd)
+
+    (l1, (y1, u1)), g1 = jax.jit(jax.value_and_grad(lambda p: loss(fast, p), has_aux=True))(
+        variables["params"])
+    (l2, (y2, u2)), g2 = jax.jit(jax.value_and_grad(lambda p: loss(plain, p), has_aux=True))(
+        variables["params"])
+    np.testing.assert_array_equal(y1, y2)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, u1, u2)
+    flat1, flat2 = jax.tree_util.tree_leaves_with_path(g1), jax.tree_util.tree_leaves_with_path(g2)
+    assert [p for p, _ in flat1] == [p for p, _ in flat2]
+    for (path, a), (_, b) in zip(flat1, flat2, strict=True):
+        assert _rel(a, b) < TOL[dtype] * 5, jax.tree_util.keystr(path)
