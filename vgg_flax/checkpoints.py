@@ -62,7 +62,8 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preserve, enable_async_checkpointing=self.async_save,
             cleanup_tmp_directories=True, create=True)
-        return ocp.CheckpointManager(self.directory, options=options)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        return ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -95,19 +96,43 @@ class Checkpoints:
         out = self._manager.restore(step, args=args)
         return out["state"], out["meta"]
 
-    def restore_latest_good(self, abstract_state: Any) -> tuple[Any, dict] | None:
+    def restore_latest_good(self, abstract_state: Any, validate=None) -> tuple[Any, dict] | None:
         """The newest readable checkpoint, moving unreadable ones aside; None if there is none.
 
+        A checkpoint that reads fine but was written by another run (`validate(meta)` raises, or the
+        array shapes differ from `abstract_state`'s) is an error, never "corrupt": it is left alone.
         Every process tries the same steps in the same order, so all agree on the step restored.
         """
+        want = _shapes(abstract_state)
         for step in reversed(self.all_steps()):
             try:
-                return self.restore(step, abstract_state)
+                meta, saved = self._read_meta(step), _shapes(self._state_metadata(step))
             except Exception as err:  # orbax raises many types for damaged files
-                logging.warning("checkpoint step %d in %s is unreadable (%s: %s); falling back to the "
-                                "previous one", step, self.directory, type(err).__name__, err)
-                self._quarantine(step)
+                self._warn_and_quarantine(step, err)
+                continue
+            if validate is not None:
+                validate(meta)
+            if saved != want:
+                raise CheckpointError(f"the checkpoints in {self.directory} were written for another model "
+                                      "or optimizer (array shapes differ); use a new workdir")
+            try:
+                return self.restore(step, abstract_state)
+            except Exception as err:
+                self._warn_and_quarantine(step, err)
         return None
+
+    def _read_meta(self, step: int) -> dict:
+        ocp = _ocp()
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def _state_metadata(self, step: int) -> Any:
+        metadata = self._manager.item_metadata(step)["state"]
+        return metadata.tree if hasattr(metadata, "tree") else metadata
+
+    def _warn_and_quarantine(self, step: int, err: Exception) -> None:
+        logging.warning("checkpoint step %d in %s is unreadable (%s: %s); falling back to the previous "
+                        "one", step, self.directory, type(err).__name__, err)
+        self._quarantine(step)
 
     def _quarantine(self, step: int) -> None:
         """Moves a damaged step out of the manager's directory (kept for inspection)."""
@@ -124,11 +149,16 @@ class Checkpoints:
     def read_state_numpy(self, step: int) -> dict:
         """The saved state at `step` as nested dicts of numpy arrays, on any number of devices."""
         ocp = _ocp()
-        metadata = self._manager.item_metadata(step)["state"]
-        tree = metadata.tree if hasattr(metadata, "tree") else metadata
-        item = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
+        item = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                      self._state_metadata(step))
         out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item)))
         return out["state"]
+
+
+def _shapes(tree: Any) -> list[tuple[int, ...]]:
+    """The sorted leaf shapes: a structure-order-free fingerprint of a state."""
+    return sorted(tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
+                  for x in jax.tree_util.tree_leaves(tree))
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:

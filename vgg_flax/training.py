@@ -151,14 +151,16 @@ def setup(config, workdir: str, datasets) -> SimpleNamespace:
 
 def _resume(run, state, shardings):
     """The newest good checkpoint's state (plateau restored), or `state` when there is none."""
-    restored = run.ckpt.restore_latest_good(ckpt_lib.abstract_like(state, shardings))
+    def validate(meta):
+        if int(meta["num_classes"]) != run.num_classes:
+            raise warm_start.WeightsMismatchError(
+                f"the checkpoints in {run.ckpt.directory} have {meta['num_classes']} classes but the run "
+                f"has {run.num_classes}; use a new workdir")
+
+    restored = run.ckpt.restore_latest_good(ckpt_lib.abstract_like(state, shardings), validate=validate)
     if restored is None:
         return state
     state, meta = restored
-    if int(meta["num_classes"]) != run.num_classes:
-        raise warm_start.WeightsMismatchError(
-            f"the checkpoints in {run.ckpt.directory} have {meta['num_classes']} classes but the run "
-            f"has {run.num_classes}; use a new workdir")
     run.plateau.load_state_dict(meta["plateau"])
     logging.info("resumed from step %d", int(state.step))
     return state

@@ -1,0 +1,262 @@
+"""Training program: 1 vs 8 devices, 2 processes vs 1, kill -9 + resume bit-exact, SIGTERM, NaN guard,
+corrupt-checkpoint fallback, bad-config errors, gradient accumulation, optimizers and warm starts.
+
+Runs that need a fresh JAX (forced device counts, jax.distributed) are subprocesses of
+tests/train_harness.py; the rest run in this process on its single CPU device.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import train_harness
+from train_harness import FakeDatasets, flat_params, tiny_config
+
+from vgg_flax import checkpoints, optim, steps, training, warm_start
+
+HARNESS = os.path.join(train_harness.ROOT, "tests", "train_harness.py")
+
+
+def _env(devices: int, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_P"))}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=train_harness.ROOT, **extra)
+    return env
+
+
+def _launch(workdir, out, overrides=None, devices=1, extra_args=(), **env):
+    cmd = [sys.executable, HARNESS, str(workdir), str(out), json.dumps(overrides or {}), *extra_args]
+    return subprocess.Popen(cmd, env=_env(devices, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _run(workdir, out, overrides=None, devices=1, extra_args=()):
+    proc = _launch(workdir, out, overrides, devices, extra_args)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    return dict(np.load(out))
+
+
+def _assert_close(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        scale = float(np.abs(a[k]).max()) + 1e-12
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=2e-5 * scale + 1e-7, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted 1-device subprocess run every multi-device/resume run is compared with."""
+    d = tmp_path_factory.mktemp("ref")
+    return _run(d / "work", d / "out.npz")
+
+
+def test_eight_devices_equal_one(reference, tmp_path):
+    """Batch sharded over 8 devices, BatchNorm statistics over the global batch: same parameters."""
+    eight = _run(tmp_path / "work", tmp_path / "out.npz", devices=8)
+    assert any(k.startswith("batch_stats") for k in eight)
+    _assert_close(reference, eight)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(reference, tmp_path):
+    """jax.distributed on localhost: each process feeds its half of every global batch."""
+    port = _free_port()
+    procs = [_launch(tmp_path / "work", tmp_path / "out.npz", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    _assert_close(reference, dict(np.load(tmp_path / "out.npz")))
+
+
+def _wait_for_step(workdir, step: int, proc, timeout=120):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        if os.path.exists(path):
+            rows = [json.loads(line) for line in open(path) if line.strip()]
+            if any(r["step"] >= step for r in rows):
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_kill9_then_resume_is_bit_exact(reference, tmp_path):
+    """SIGKILL between checkpoints (maybe mid async save); the same command again ends bit-exact."""
+    work = tmp_path / "work"
+    proc = _launch(work, tmp_path / "out.npz", extra_args=("--sleep", "0.4"))
+    _wait_for_step(work, 3, proc)
+    proc.kill()
+    proc.wait()
+    assert not os.path.exists(tmp_path / "out.npz")
+    resumed = _run(work, tmp_path / "out.npz")
+    for k in reference:
+        np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
+    rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+    train_steps = [r["step"] for r in rows if "train_loss" in r]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 6  # no duplicated rows
+
+
+def test_sigterm_saves_then_resume_is_bit_exact(reference, tmp_path):
+    work = tmp_path / "work"
+    proc = _launch(work, tmp_path / "out.npz", extra_args=("--sleep", "0.4"))
+    _wait_for_step(work, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, log[-2000:]
+    assert "Interrupted" in log
+    saved = checkpoints.Checkpoints(str(work), async_save=False)
+    stopped_at = saved.latest_step()
+    saved.close()
+    assert 3 <= stopped_at < 6  # saved where the signal found it, not only at the regular saves
+    resumed = _run(work, tmp_path / "out.npz")
+    for k in reference:
+        np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
+
+
+def _train(workdir, datasets=None, **overrides):
+    return training.train_and_evaluate(tiny_config(**overrides), str(workdir),
+                                       datasets=datasets or FakeDatasets())
+
+
+def test_nan_loss_names_step_and_keeps_last_checkpoint(tmp_path):
+    with pytest.raises(training.NonFiniteLossError, match="at step 5"):
+        _train(tmp_path, FakeDatasets(nan_at_step=5))
+    ckpt = checkpoints.Checkpoints(str(tmp_path), async_save=False)
+    assert ckpt.latest_step() == 4
+    state = ckpt.read_state_numpy(4)
+    ckpt.close()
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["params"]))
+
+
+def _corrupt_step(workdir, step):
+    step_dir = os.path.join(workdir, "checkpoints", str(step), "state")
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00garbage")
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
+    expected = flat_params(_train(tmp_path / "a"))
+    _train(tmp_path / "b")
+    _corrupt_step(tmp_path / "b", 6)
+    final = flat_params(_train(tmp_path / "b"))  # restores 4, retrains 5 and 6
+    assert "step 6" in caplog.text and "unreadable" in caplog.text
+    assert os.listdir(tmp_path / "b" / "checkpoints_corrupt")
+    for k in expected:
+        np.testing.assert_array_equal(final[k], expected[k], err_msg=k)
+    model, variables = checkpoints.load_for_inference(str(tmp_path / "b"))
+    np.testing.assert_array_equal(variables["params"]["head_out"]["kernel"],
+                                  expected["params['head_out']['kernel']"])
+    logits = model.apply(variables, jnp.zeros((2, 32, 32, 3)))
+    assert logits.shape == (2, 3)
+
+
+def test_bad_configs_fail_before_compute(tmp_path):
+    with pytest.raises(KeyError, match="learning_rat"):
+        tiny_config(learning_rat=0.1)  # the ConfigDict is locked: typos are errors
+    with pytest.raises(KeyError, match="unknown optimizer"):
+        _train(tmp_path / "a", optimizer="adam_typo")
+    with pytest.raises(ValueError, match="does not divide over 8 devices"):
+        steps.check_batch_divides(global_batch_size=12, num_devices=8)
+    with pytest.raises(ValueError, match="grad_accum_steps=3"):
+        _train(tmp_path / "b", grad_accum_steps=3)
+    with pytest.raises(ValueError, match="dataset 'no_such_data'"):
+        _train(tmp_path / "c", dataset="no_such_data")
+    for d in "abc":
+        assert not os.path.exists(tmp_path / d / "checkpoints" / "2")
+
+
+def test_class_count_mismatch_is_one_clear_error(tmp_path):
+    _train(tmp_path / "a", num_train_steps=2)
+    with pytest.raises(warm_start.WeightsMismatchError, match="3 classes but the run has 5"):
+        _train(tmp_path / "a", num_train_steps=4, num_classes=5)  # resuming another class count
+    # A net A workdir with 3 classes warm-starting a 5-class deeper net.
+    with pytest.raises(warm_start.WeightsMismatchError, match="has 3 classes but the run has 5"):
+        _train(tmp_path / "b", num_classes=5, warm_start_from=str(tmp_path / "a"), **_fc_model("D"))
+
+
+def _fc_model(letter: str) -> dict:
+    """Tiny stand-ins for the paper's A and D (same layer names), torchvision head."""
+    arch = {"A": (8, "M", 16, "M", 32, 32, "M"), "D": (8, 8, "M", 16, 16, "M", 32, 32, 32, "M")}[letter]
+    return {"model.config": arch, "model.head": "torchvision", "model.fc_width": 16,
+            "model.batch_norm": False}
+
+
+def test_paper_warm_start_copies_first_four_convs_and_fcs(tmp_path):
+    _train(tmp_path / "a", num_train_steps=2, **_fc_model("A"))
+    _, net_a = checkpoints.load_for_inference(str(tmp_path / "a"))
+    state = _train(tmp_path / "d", num_train_steps=1, warm_start_from=str(tmp_path / "a"),
+                   learning_rate=0.0, **_fc_model("D"))
+    params = jax.device_get(state.params)
+    for name in warm_start.PAPER_WARM_START_LAYERS:
+        np.testing.assert_array_equal(params[name]["kernel"], net_a["params"][name]["kernel"], err_msg=name)
+    assert params["conv1_2"]["kernel"].shape == (3, 3, 8, 8)  # a new layer, randomly initialised
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path):
+    """Without BatchNorm and dropout, 2 micro-batches give the full batch's gradient."""
+    kw = {"model.batch_norm": False, "model.dropout_rate": 0.0, "num_train_steps": 3}
+    one = flat_params(_train(tmp_path / "a", **kw))
+    two = flat_params(_train(tmp_path / "b", grad_accum_steps=2, **kw))
+    _assert_close(one, two)
+
+
+def test_freeze_features_trains_the_head_only(tmp_path):
+    state0 = _train(tmp_path / "a", num_train_steps=1, learning_rate=0.0)
+    state = _train(tmp_path / "b", num_train_steps=3, freeze_features=True)
+    p0, p = jax.device_get(state0.params), jax.device_get(state.params)
+    np.testing.assert_array_equal(p["conv1_1"]["kernel"], p0["conv1_1"]["kernel"])
+    assert not np.array_equal(p["head_out"]["kernel"], p0["head_out"]["kernel"])
+
+
+def test_sgd_weight_decay_equals_l2_penalty_in_the_loss():
+    """add_decayed_weights before the momentum trace == gradient of wd/2 ||w||^2 (the paper's)."""
+    params = {"k": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    grads = {"k": jnp.full((2, 3), 0.5), "b": jnp.full(3, 0.25)}
+    tx = optim.make_optimizer(name="sgd", momentum=0.9, weight_decay=5e-4)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    penalty = jax.grad(lambda p: 5e-4 / 2 * jnp.sum(p["k"] ** 2))(params)
+    np.testing.assert_allclose(updates["k"], grads["k"] + penalty["k"], rtol=1e-6)
+    np.testing.assert_allclose(updates["b"], grads["b"])  # biases are not decayed
+    ref = optax.sgd(1.0, momentum=0.9)
+    ref_updates, _ = ref.update(jax.tree_util.tree_map(jnp.add, grads, penalty), ref.init(params))
+    np.testing.assert_allclose(-updates["k"], ref_updates["k"], rtol=1e-6)
+
+
+def test_plateau_divides_by_ten_after_patience_and_at_most_max_times():
+    p = optim.Plateau(patience=2, max_reductions=2)
+    history = [p.update(a) for a in [0.5, 0.6, 0.6, 0.59, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]]
+    assert history == [False, False, False, True, False, False, True, False, False, False, False]
+    assert p.scale == pytest.approx(0.01) and p.reductions == 2
+    q = optim.Plateau()
+    q.load_state_dict(p.state_dict())
+    assert q.state_dict() == p.state_dict()
+
+
+@pytest.mark.parametrize("name", optim.SCHEDULES)
+def test_schedules(name):
+    s = optim.make_schedule(name=name, base_lr=1.0, num_steps=100, warmup_steps=10, boundaries=(50,))
+    lr = [float(s(jnp.asarray(t))) for t in (0, 5, 10, 60, 100)]
+    assert lr[0] == 0.0 and lr[1] == pytest.approx(0.5) and lr[2] == pytest.approx(1.0)
+    expected_late = {"constant": 1.0, "plateau": 1.0, "step": 0.1, "cosine": None}[name]
+    if expected_late is None:
+        assert 0 < lr[3] < 1 and lr[4] == pytest.approx(0.0, abs=1e-6)
+    else:
+        assert lr[3] == pytest.approx(expected_late)

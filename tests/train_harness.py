@@ -1,0 +1,149 @@
+"""Test harness for the training program: a tiny in-memory dataset and a subprocess entry point.
+
+The fake dataset follows `vgg_flax.input_pipeline`'s contract (a pure function of (seed, step),
+each process reading its contiguous rows of the global batch) so multi-device and multi-process runs
+can be compared with one-device runs on exactly the same global batches. Run as a script it trains
+one config in a fresh process (so XLA_FLAGS / jax.distributed can be set before JAX starts) and
+saves the final parameters to an .npz file:
+
+    python tests/train_harness.py WORKDIR OUT.npz '{"num_train_steps": 6}' [--nan-at 3] [--sleep 0.1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 32
+EVAL_EXAMPLES = 50  # not a multiple of the eval batch: the padded, masked tail is exercised
+
+
+def load_config_module(name: str):
+    path = os.path.join(ROOT, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_config(**overrides):
+    """configs/default.py with a tiny BatchNorm VGG and few steps; keys checked by the lock."""
+    config = load_config_module("default").get_config()
+    config.model.config = (8, "M", 16, "M")
+    config.model.small_head_width = 16
+    config.model.dropout_rate = 0.1
+    config.dataset = "fake"
+    config.num_classes = 0
+    config.global_batch_size = 8
+    config.eval_batch_size = 16
+    config.num_train_steps = 6
+    config.eval_every_steps = 3
+    config.checkpoint_every_steps = 2
+    config.log_every_steps = 1
+    config.warmup_steps = 0
+    config.learning_rate = 0.05
+    config.tensorboard = False
+    config.progress = "none"
+    for key, value in overrides.items():
+        section, _, leaf = key.rpartition(".")
+        (config[section] if section else config)[leaf] = value
+    return config
+
+
+@dataclasses.dataclass
+class FakeInfo:
+    num_classes: int = 3
+
+    def num_examples(self, split: str) -> int:
+        if split not in ("train", "test"):
+            raise ValueError(f"no split {split!r}")
+        return {"train": 10**6, "test": EVAL_EXAMPLES}[split]
+
+
+def _examples(rng: np.random.Generator, n: int):
+    """Images whose class is the brightest third of the image: learnable in a few steps."""
+    images = rng.normal(size=(n, SIZE, SIZE, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, size=n).astype(np.int32)
+    for c in range(3):
+        images[labels == c, :, c * 10:(c + 1) * 10] += 1.0
+    return images, labels
+
+
+class FakeDatasets:
+    """`create_dataset` / `dataset_info` over generated data; optional NaN and slowness."""
+
+    def __init__(self, nan_at_step: int = -1, sleep: float = 0.0):
+        self.nan_at_step, self.sleep = nan_at_step, sleep
+
+    def dataset_info(self, name, data_dir=None):
+        if name != "fake":
+            raise ValueError(f"dataset {name!r} not found")
+        return FakeInfo()
+
+    def create_dataset(self, name, split, *, batch_size, train, image_size, seed=0, start_step=0,
+                       process_index=0, process_count=1, **_):
+        assert image_size == SIZE
+        if train:
+            return self._train(batch_size, seed, start_step, process_index, process_count)
+        return self._eval(batch_size, process_index, process_count)
+
+    def _train(self, batch_size, seed, start_step, pi, pc):
+        step = start_step
+        while True:
+            images, labels = _examples(np.random.default_rng([seed, step]), batch_size * pc)
+            rows = slice(pi * batch_size, (pi + 1) * batch_size)
+            images, labels = images[rows], labels[rows]
+            if step + 1 == self.nan_at_step:  # the batch of the update that produces step nan_at_step
+                images[:] = np.nan
+            if self.sleep:
+                time.sleep(self.sleep)
+            yield {"image": images, "label": labels, "mask": np.ones(batch_size, bool)}
+            step += 1
+
+    def _eval(self, batch_size, pi, pc):
+        images, labels = _examples(np.random.default_rng(12345), EVAL_EXAMPLES)
+        images, labels = images[pi::pc], labels[pi::pc]
+        for start in range(0, len(labels), batch_size):
+            im, lb = images[start:start + batch_size], labels[start:start + batch_size]
+            pad = batch_size - len(lb)
+            yield {"image": np.pad(im, [(0, pad), (0, 0), (0, 0), (0, 0)]),
+                   "label": np.pad(lb, (0, pad)), "mask": np.arange(batch_size) < len(lb)}
+
+
+def flat_params(state) -> dict[str, np.ndarray]:
+    """{"params/conv1_1/kernel": array, "batch_stats/...": ...} of a TrainState, as numpy."""
+    import jax
+
+    out = {}
+    for prefix, tree in (("params", state.params), ("batch_stats", state.batch_stats)):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(tree)):
+            out[prefix + jax.tree_util.keystr(path)] = np.asarray(leaf)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    workdir, out_path, overrides = argv[0], argv[1], json.loads(argv[2])
+    nan_at = int(argv[argv.index("--nan-at") + 1]) if "--nan-at" in argv else -1
+    sleep = float(argv[argv.index("--sleep") + 1]) if "--sleep" in argv else 0.0
+    from vgg_flax import training
+
+    training.initialize_distributed("JAX_COORDINATOR_ADDRESS" in os.environ)
+    state = training.train_and_evaluate(tiny_config(**overrides), workdir,
+                                        datasets=FakeDatasets(nan_at_step=nan_at, sleep=sleep))
+    import jax
+
+    if jax.process_index() == 0:
+        np.savez(out_path, **flat_params(state))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    sys.exit(main(sys.argv[1:]))
