@@ -78,9 +78,11 @@ def test_paper_augmentation_is_random_and_none_is_identity(digits_dir):
     assert plain["image"].shape == (8, 32, 32, 3)
 
 
-def test_training_order_is_a_function_of_seed_and_step(digits_dir):
+@pytest.mark.parametrize("cache", [None, False])  # Decoded in memory (the default here) or re-read.
+def test_training_order_is_a_function_of_seed_and_step(digits_dir, cache):
     n, batch = 1438, 100  # 14.38 batches per epoch: batches straddle epoch boundaries.
-    run = _digits(digits_dir, "train", batch_size=batch, seed=7, augment="paper", scale_range=(32, 40))
+    run = _digits(digits_dir, "train", batch_size=batch, seed=7, augment="paper", scale_range=(32, 40),
+                  cache=cache)
     batches = [next(run) for _ in range(20)]
     labels = np.concatenate([b["label"] for b in batches])
     all_labels = np.sort(_labels(digits_dir, "train"))
@@ -88,7 +90,7 @@ def test_training_order_is_a_function_of_seed_and_step(digits_dir):
     assert not np.array_equal(labels[:200], labels[n:n + 200])  # Reshuffled every epoch.
     for step in (0, 5, 14, 17):
         resumed = next(_digits(digits_dir, "train", batch_size=batch, seed=7, augment="paper",
-                               scale_range=(32, 40), start_step=step))
+                               scale_range=(32, 40), start_step=step, cache=cache))
         np.testing.assert_array_equal(resumed["label"], batches[step]["label"])
         np.testing.assert_array_equal(resumed["image"], batches[step]["image"])
     other = next(_digits(digits_dir, "train", batch_size=batch, seed=8))

@@ -38,6 +38,7 @@ from vgg_flax.datasets import EMBEDDED, folder
 AUGMENTATIONS = ("paper", "inception", "shift", "flip", "none")
 EVAL_VIEWS = ("center", "full", "multicrop")
 FOLDER_PREFIX = "folder:"
+AUTO_CACHE_BYTES = 256 * 2**20  # cache=None caches fixed-size datasets up to this size (digits, cifar10)
 # Defaults of `create_dataset(**options)`; anything else is a TypeError.
 OPTIONS: dict[str, Any] = {
     "scale_range": None,    # paper: (S_min, S_max) short side, jittered; default round(size * 256 / 224)
@@ -47,9 +48,10 @@ OPTIONS: dict[str, Any] = {
     "eval_resize": None,    # eval: short side Q; default image_size for fixed-size datasets, else *256/224
     "eval_views": "center",  # eval: "center" crop, "full" Q x Q square (dense eval), "multicrop" grid
     "multicrop_grid": 5,    # multicrop: grid x grid crops, each also flipped
-    "cache": False,         # keep decoded images in memory (small datasets)
+    "cache": None,          # keep decoded images in memory; None: when they fit AUTO_CACHE_BYTES
     "shuffle_buffer": 65536,
     "download": False,      # let TFDS download a public dataset that is not prepared yet
+    "threads": None,        # tf.data's private thread pool size (None: TF's default, all cores)
 }
 logger = logging.getLogger(__name__)
 
@@ -204,7 +206,11 @@ class _Source:
     decode: Callable
     shares: list[int]
     index: int
-    fixed_size: bool
+    image_shape: tuple[int, int, int] | None  # every image's (H, W, 3), or None when sizes vary
+
+    @property
+    def fixed_size(self) -> bool:
+        return self.image_shape is not None
 
     @classmethod
     def create(cls, name, split, data_dir, process_index, process_count, download):
@@ -221,7 +227,7 @@ class _Source:
             raw = tf.data.Dataset.from_tensor_slices(
                 {"raw": np.asarray(index.files[sel], dtype=object).astype(str) if shares[process_index]
                  else np.zeros([0], str), "label": index.labels[sel]})
-            return cls(raw, _decode_file, shares, process_index, fixed_size=False)
+            return cls(raw, _decode_file, shares, process_index, image_shape=None)
         import tensorflow_datasets as tfds
 
         builder = _tfds_builder(name, data_dir, download=download)
@@ -232,7 +238,7 @@ class _Source:
                                  read_config=tfds.ReadConfig(try_autocache=False))  # cache= decides
         raw = raw.map(lambda ex: {"raw": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
         shape = tuple(builder.info.features["image"].shape)
-        return cls(raw, _decode_bytes, shares, process_index, fixed_size=None not in shape)
+        return cls(raw, _decode_bytes, shares, process_index, image_shape=None if None in shape else shape)
 
 
 def _decode_bytes(raw):
@@ -249,8 +255,11 @@ def _decode_file(path):
     return tf.ensure_shape(image, [None, None, 3])
 
 
-def _decoded(source: _Source, cache: bool):
+def _decoded(source: _Source, cache: bool | None):
     """(examples, decoded?): decoding before the shuffle only when caching the decoded images."""
+    if cache is None:
+        size = source.shares[source.index] * int(np.prod(source.image_shape or (2**40,)))
+        cache = size <= AUTO_CACHE_BYTES
     if not cache:
         return source.raw, False
     import tensorflow as tf
@@ -260,12 +269,15 @@ def _decoded(source: _Source, cache: bool):
     return ds.cache(), True
 
 
-def _options():
+def _options(threads: int | None):
     import tensorflow as tf
 
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_optimization.map_parallelization = True
+    if threads:  # Leave the other cores to JAX, or measure throughput per core.
+        options.threading.private_threadpool_size = threads
+        options.threading.max_intra_op_parallelism = 1
     return options
 
 
@@ -299,7 +311,7 @@ def _train_stream(source, *, batch_size, image_size, seed, start_step, augment, 
 
     ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_options())
+    return ds.with_options(_options(opts["threads"]))
 
 
 def default_eval_resize(image_size: int, fixed_size: bool, norm: preprocessing.Normalization) -> int:
@@ -329,4 +341,4 @@ def _eval_stream(source, *, batch_size, image_size, norm, opts):
     blank["mask"] = tf.constant(False)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_options())
+    return ds.with_options(_options(opts["threads"]))
