@@ -35,8 +35,8 @@ from vgg_flax.weights import ConversionError
 _KH, _KW = FC_POOL_SIZE
 
 
-def _fc1_to_flax(w):  # (out, C*7*7) channel-major -> (7*7*C, out) NHWC rows
-    return w.reshape(w.shape[0], -1, _KH, _KW).transpose(2, 3, 1, 0).reshape(-1, w.shape[0])
+def _fc1_to_flax(w):  # (out, C*7*7) channel-major -> (7, 7, C, out), i.e. (7*7*C, out) NHWC rows
+    return w.reshape(w.shape[0], -1, _KH, _KW).transpose(2, 3, 1, 0)
 
 
 def _fc1_to_torch(k, shape):
@@ -144,8 +144,8 @@ def _conv_signature(state: Mapping[str, np.ndarray]) -> tuple[tuple[int, ...], .
     convs = []
     for key, value in state.items():
         m = _FEATURE_KEY.match(key)
-        if m and m.group(2) == "weight" and np.ndim(value) == 4:
-            convs.append((int(m.group(1)), *np.shape(value)[:2], np.shape(value)[2]))
+        if m and m.group(2) == "weight" and len(value.shape) == 4:
+            convs.append((int(m.group(1)), *value.shape[:3]))
     return tuple(sorted(convs))
 
 
@@ -217,9 +217,9 @@ def check_state(state: Mapping[str, np.ndarray], rules: list[Rule], ignored: lis
     wanted = {r.key for r in rules}
     problems = [f"missing key {r.key!r} (expected shape {r.shape}, for {'/'.join(r.path)})"
                 for r in rules if r.key not in state]
-    problems += [f"key {r.key!r}: expected shape {r.shape}, found {tuple(np.shape(state[r.key]))}"
-                 for r in rules if r.key in state and tuple(np.shape(state[r.key])) != r.shape]
-    problems += [f"unexpected key {k!r} (shape {tuple(np.shape(v))})" for k, v in state.items()
+    problems += [f"key {r.key!r}: expected shape {r.shape}, found {tuple(state[r.key].shape)}"
+                 for r in rules if r.key in state and tuple(state[r.key].shape) != r.shape]
+    problems += [f"unexpected key {k!r} (shape {tuple(v.shape)})" for k, v in state.items()
                  if k not in wanted and k not in ignored]
     if problems:
         more = [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
@@ -227,25 +227,29 @@ def check_state(state: Mapping[str, np.ndarray], rules: list[Rule], ignored: lis
                               + "\n  ".join(problems[:20] + more))
 
 
-def _nan_classifier(state: Mapping[str, np.ndarray], arch: Architecture) -> bool:
-    """torchvision's VGG16 IMAGENET1K_FEATURES file stores NaN classifier weights."""
-    keys = [f"{k}.weight" for k in _CLASSIFIER_KEYS[arch.layout]]
-    # np.min propagates NaN without allocating a mask the size of the 400 MB fc1 kernel.
-    return any(k in state and np.issubdtype(state[k].dtype, np.floating) and np.isnan(np.min(state[k]))
-               for k in keys)
+def _nan_layers(variables: Mapping[str, Any]) -> list[str]:
+    """Variable paths holding NaN (np.min propagates NaN without allocating a mask)."""
+    flat = weights.flatten_variables(variables, leaf=lambda v: v)
+    return [path for path, v in flat.items() if np.isnan(np.min(np.asarray(v)))]
 
 
-def _build(state: Mapping[str, np.ndarray], rules: list[Rule], dtype) -> dict[str, Any]:
-    """Applies the rules one tensor at a time (one transient copy of one tensor at most)."""
-    import jax.numpy as jnp
+def _build(state: dict[str, Any], rules: list[Rule], dtype) -> dict[str, Any]:
+    """Applies the rules, largest tensor first, dropping each source tensor once converted.
 
+    Each tensor is copied once, straight from the source layout into the Flax layout (see
+    `weights.to_device`), so the peak is about the source plus the largest converted tensor.
+    """
     variables: dict[str, Any] = {}
-    for rule in rules:
-        value = KINDS[rule.kind][0](np.asarray(state[rule.key]))
+    nodes = {}
+    for rule in rules:  # the tree in network order, filled below in size order
         node = variables
         for name in rule.path[:-1]:
             node = node.setdefault(name, {})
-        node[rule.path[-1]] = jnp.array(value, dtype=dtype)
+        nodes[rule] = node
+    for rule in sorted(rules, key=lambda r: -int(np.prod(r.shape))):
+        shape = (-1, rule.shape[0]) if rule.kind.startswith("fc1") else None
+        nodes[rule][rule.path[-1]] = weights.to_device(state.pop(rule.key), dtype, KINDS[rule.kind][0],
+                                                       shape)
     return variables
 
 
@@ -282,19 +286,24 @@ def _convert(state: dict[str, np.ndarray], head: str, where: str, model_kwargs: 
         raise ConversionError(f"head {head!r} has no torchvision weights; use 'torchvision', 'dense' "
                               "or 'none'")
     arch = infer_architecture(state, **model_kwargs)
-    if head != "none" and arch.has_classifier and _nan_classifier(state, arch):
+    with_classifier = head != "none"
+    rules, ignored = conversion_rules(arch, with_classifier=with_classifier)
+    check_state(state, rules, ignored, where)
+    variables = _build(state, rules, dtype=model_kwargs.get("param_dtype", np.float32))
+    state.clear()  # the remaining (ignored) source tensors
+    nan = _nan_layers(variables)
+    if nan and all(p.startswith("params/fc") for p in nan):
         warnings.warn(f"{where}: the classifier weights are NaN (torchvision's IMAGENET1K_FEATURES "
                       "file): loading the features only (head='none'). These weights expect 0-255 "
                       "input: normalise with vgg_flax.preprocessing.get_preset('imagenet1k_features').",
                       stacklevel=3)
         head = "none"
-    rules, ignored = conversion_rules(arch, with_classifier=head != "none")
-    check_state(state, rules, ignored, where)
+        variables["params"] = {k: v for k, v in variables["params"].items() if not k.startswith("fc")}
+    elif nan:
+        raise ConversionError(f"{where}: NaN weights in {', '.join(nan)}: a corrupt file")
     fields = {**model_kwargs, "config": arch.config, "batch_norm": arch.batch_norm,
               "num_classes": arch.num_classes, "fc_width": arch.fc_width, "head": head}
     model = VGG(**fields)
-    variables = _build(state, rules, dtype=model.param_dtype)
-    state.clear()  # drop the source tensors (and a .pth file's memory map) before returning
     weights.check_variables(model, variables, where)
     return model, variables, arch
 

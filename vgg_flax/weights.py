@@ -2,8 +2,9 @@
 
 Reading is the only place where untrusted bytes meet the library, so it is strict:
 
-- `.safetensors` is read with `safetensors.numpy` (no torch needed, no code execution possible).
-- `.pth` / `.pt` / `.bin` is read with `torch.load(..., weights_only=True, mmap=True)` only: a pickle
+- `.safetensors` is read from its documented layout (JSON header, raw data) with plain reads, one
+  tensor at a time: no torch needed, no code execution possible.
+- `.pth` / `.pt` / `.bin` is read with `torch.load(..., weights_only=True)` only: a pickle
   that asks for anything but tensors and plain containers is refused before any of it runs.
 - torchvision-style names carry a sha256 prefix (`vgg16-397923af.pth`, as `torch.hub` checks); it is
   verified when present, and a mismatch is an error (a corrupt or substituted download).
@@ -76,14 +77,15 @@ def verify_hash_prefix(path: str | os.PathLike) -> tuple[str | None, str | None]
     return prefix, sha256
 
 
-def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
+def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     """A state dict as {key: numpy array}, from a file or an in-memory mapping.
 
     Args:
       source: a `.pth`/`.pt`/`.bin` (torch.save) or `.safetensors` path, or a mapping from key to
         torch tensor / numpy array. Files are not hash-checked here (see `verify_hash_prefix`).
     Returns:
-      {key: np.ndarray}; torch tensors are shared, not copied, where numpy can view them.
+      {key: array}: numpy arrays (sharing torch tensors' memory where numpy can view it), or for
+      safetensors files `FileTensor`s, which read their data when `np.asarray` is called on them.
     """
     if isinstance(source, Mapping):
         return _unwrap({str(k): v for k, v in source.items()}, where="the state dict")
@@ -91,21 +93,106 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no weight file at {path}")
     if path.endswith(SAFETENSORS_SUFFIXES):
-        return _read_safetensors(path)
+        return dict(_read_safetensors(path))
     if path.endswith(TORCH_SUFFIXES):
         return _unwrap(_read_torch(path), where=path)
     raise ConversionError(f"{path}: unknown weight file type; expected one of "
                           f"{TORCH_SUFFIXES + SAFETENSORS_SUFFIXES}")
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError, safe_open
+# safetensors dtype names -> numpy dtypes (bfloat16 / float8 from ml_dtypes, a jax dependency).
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+              "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
+
+class FileTensor:
+    """A tensor inside a safetensors file, read on demand with a plain read (`np.asarray(t)`).
+
+    Reading lazily, one tensor at a time and without a memory map, keeps conversion's peak memory
+    near the size of the converted weights instead of twice it (mapped pages count as resident).
+    """
+
+    def __init__(self, path: str, dtype: np.dtype, shape: tuple[int, ...], offset: int):
+        self.path, self.dtype, self.shape, self.offset = path, dtype, shape, offset
+        self.ndim = len(shape)
+
+    def __array__(self, dtype=None, copy=None):
+        value = self.rows(0, self.shape[0] if self.shape else 1).reshape(self.shape)
+        return value if dtype is None else value.astype(dtype)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) along the first axis (the whole tensor for a scalar)."""
+        row = int(np.prod(self.shape[1:]))
+        count = (stop - start) * row
+        value = np.fromfile(self.path, dtype=self.dtype, count=count,
+                            offset=self.offset + start * row * self.dtype.itemsize)
+        if value.size != count:
+            raise ConversionError(f"{self.path}: truncated: a tensor ends past the end of the file")
+        return value.reshape((stop - start, *self.shape[1:]))
+
+
+def _read_safetensors(path: str) -> dict[str, FileTensor]:
+    """The tensors of a safetensors file (format: u64 header size, JSON header, raw data), lazily."""
+    import ml_dtypes  # noqa: F401  (registers bfloat16 / float8 with numpy)
+
+    size = os.path.getsize(path)
     try:
-        with safe_open(path, framework="numpy") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if not 2 <= header_len <= min(size - 8, 100 << 20):
+                raise ValueError(f"header size {header_len} does not fit a {size}-byte file")
+            header = json.loads(f.read(header_len))
+        start, tensors = 8 + header_len, {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = info["data_offsets"]
+            if end - begin != int(np.prod(shape)) * dtype.itemsize or start + end > size:
+                raise ValueError(f"tensor {key!r} {shape} {info['dtype']} needs bytes {begin}..{end} "
+                                 f"of {size - start} data bytes")
+            tensors[key] = FileTensor(path, dtype, shape, start + begin)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    if not tensors:
+        raise ConversionError(f"{path}: the safetensors file holds no tensors")
+    return tensors
+
+
+def to_device(value: Any, dtype: Any, layout=None, shape: tuple[int, ...] | None = None) -> Any:
+    """`layout(np.asarray(value)).reshape(shape)` as a jax array of `dtype`, with a single copy.
+
+    `layout` is None (keep the layout) or a transpose that moves the source's first axis last (as
+    every conversion rule does). The copy goes block by block of source rows (a `FileTensor` is
+    read block by block too, so the source never exists whole), which also keeps the big fc1
+    transpose cache-friendly. The destination is a 64-byte aligned host buffer that jax's CPU
+    backend adopts without copying again (on accelerators it is the one host-to-device transfer).
+    """
+    import jax
+
+    source = value if isinstance(value, FileTensor) else np.asarray(value)
+    if source.ndim == 0:
+        return jax.device_put(np.asarray(source, dtype))
+    dtype = np.dtype(dtype)
+    out_shape = source.shape if layout is None else layout(np.empty(source.shape, np.bool_)).shape
+    nbytes = int(np.prod(out_shape)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    offset = (-raw.ctypes.data) % 64
+    dst = raw[offset:offset + nbytes].view(dtype).reshape(out_shape)
+    row_bytes = max(1, int(np.prod(source.shape[1:]))) * source.dtype.itemsize
+    step = max(1, (2 << 20) // row_bytes)  # ~2 MiB of source per block
+    for start in range(0, source.shape[0], step):
+        stop = min(start + step, source.shape[0])
+        block = source.rows(start, stop) if isinstance(source, FileTensor) else source[start:stop]
+        if layout is None:
+            dst[start:stop] = block
+            continue
+        # Permute within rows first (contiguous, row-local), then one strided 2-D style copy.
+        block = np.ascontiguousarray(np.moveaxis(layout(block), -1, 0))
+        dst[..., start:stop] = np.moveaxis(block, 0, -1)
+    return jax.device_put(dst if shape is None else dst.reshape(shape))
 
 
 def _read_torch(path: str) -> Any:
@@ -119,7 +206,7 @@ def _read_torch(path: str) -> Any:
     try:
         # weights_only=True: the unpickler only builds tensors and plain containers; any other
         # global (os.system, builtins.exec, a custom class) is refused before it is called.
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ConversionError(
             f"{path}: refused: the pickle asks for Python objects other than tensors, so it was not "
@@ -128,12 +215,6 @@ def _read_torch(path: str) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ConversionError(f"{path}: not a readable torch.save file (truncated or corrupt?): "
                               f"{str(e).splitlines()[0]}") from e
-
-
-def _is_zip(path: str) -> bool:
-    """torch.save's zip format (the default since torch 1.6) can be memory-mapped; legacy files not."""
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
 
 
 def _unwrap(obj: Any, where: str) -> dict[str, np.ndarray]:
@@ -214,7 +295,7 @@ def check_variables(model: Any, variables: Mapping[str, Any], where: str) -> Non
     size = 224 if model.head in ("torchvision", "dense") else 32
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
     expected = flatten_variables(shapes, leaf=lambda v: tuple(v.shape))
-    found = flatten_variables(variables, leaf=np.shape)
+    found = flatten_variables(variables, leaf=lambda v: tuple(v.shape))
     problems = [f"missing {k} (expected shape {s})" for k, s in expected.items() if k not in found]
     problems += [f"unexpected {k} (shape {s})" for k, s in found.items() if k not in expected]
     problems += [f"{k}: expected shape {s}, found {found[k]}" for k, s in expected.items()
@@ -282,8 +363,6 @@ def load_pretrained(path: str | os.PathLike, **overrides) -> tuple[Any, dict[str
     Returns:
       (VGG module, {"params": ..., "batch_stats": ...} of jax arrays).
     """
-    import jax.numpy as jnp
-
     from vgg_flax.models import VGG
 
     meta = pretrained_metadata(path)
@@ -292,6 +371,5 @@ def load_pretrained(path: str | os.PathLike, **overrides) -> tuple[Any, dict[str
         config["config"] = tuple(tuple(e) if isinstance(e, list) else e for e in config["config"])
     model = VGG(**{**config, **overrides})
     flat = _read_safetensors(os.fspath(path))
-    variables = unflatten_variables(flat)
-    check_variables(model, variables, where=os.fspath(path))
-    return model, unflatten_variables({k: jnp.asarray(v) for k, v in flat.items()})
+    check_variables(model, unflatten_variables(flat), where=os.fspath(path))
+    return model, unflatten_variables({k: to_device(v, v.dtype) for k, v in flat.items()})
