@@ -207,6 +207,8 @@ def test_eval_preprocessing_equals_torchvision(tmp_path, size):
                                    image_size=224, normalization="torchvision"))
     ours = batch["image"][0]
     assert ours.shape == reference.shape == (224, 224, 3)
+    info = ip.dataset_info(f"folder:{tmp_path}")  # Only a "val" split folder: its classes, not "val".
+    assert info.class_names == ("x",) and info.num_examples("val") == 1
     diff = np.abs(ours - reference)
     one_level = 1 / 255 / 0.225  # One uint8 step after Normalize.
     # PIL resamples in fixed point: some pixels land one uint8 level away, none further.

@@ -86,7 +86,8 @@ def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
     """The `DatasetInfo` of a TFDS name, an embedded dataset or "folder:/root"."""
     if name.startswith(FOLDER_PREFIX):
         root = name[len(FOLDER_PREFIX):]
-        index, _ = folder.folder_split(root, "train" if _folder_has(root, "train") else "all")
+        # Class names from the first usual split folder (they are the same in every split), or root.
+        index, _ = folder.folder_split(root, (folder.split_folders(root) or ["all"])[0])
         return DatasetInfo(name=name, num_classes=len(index.class_names), class_names=index.class_names,
                            image_shape=None, _sizes=lambda split: _folder_size(root, split),
                            _skipped=lambda split: folder.folder_split(root, split)[0].skipped)
@@ -96,14 +97,6 @@ def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
     return DatasetInfo(name=name, num_classes=label.num_classes, class_names=tuple(label.names),
                        image_shape=shape if None not in shape else None,
                        _sizes=lambda split: builder.info.splits[split].num_examples)
-
-
-def _folder_has(root: str, split: str) -> bool:
-    try:
-        folder.split_directory(root, split)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def _folder_size(root: str, split: str) -> int:

@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+SPLIT_NAMES = ("train", "validation", "val", "test")
 _SLICE = re.compile(r"^(?P<base>[\w-]+)(\[(?P<start>-?\d*%?):(?P<end>-?\d*%?)\])?$")
 
 
@@ -69,12 +70,17 @@ def split_directory(root: str, split: str) -> tuple[str, str]:
     candidate = os.path.join(root, base)
     if os.path.isdir(candidate) and _has_class_folders(candidate):
         directory = candidate
-    elif base in ("train", "all") and _has_class_folders(root):
+    elif base in ("train", "all") and _has_class_folders(root) and not split_folders(root):
         directory = root
     else:
         raise FileNotFoundError(f"no split folder {candidate!r} with class subfolders (a root with class "
                                 "folders directly is only the split 'train' or 'all')")
     return directory, split[len(base):]
+
+
+def split_folders(root: str) -> list[str]:
+    """The usual split names that exist as subfolders of root (then root is not a class folder)."""
+    return [name for name in SPLIT_NAMES if os.path.isdir(os.path.join(root, name))]
 
 
 def _has_class_folders(path: str) -> bool:
