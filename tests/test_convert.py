@@ -80,6 +80,27 @@ def test_logits_equal_torchvision_and_round_trip_is_exact(name):
     _assert_trees_equal(again, variables)
 
 
+@pytest.mark.parametrize("layout", convert.LAYOUTS)
+@pytest.mark.parametrize("name", sorted(vgg_flax.MODELS))
+def test_rules_use_every_key_once_and_fill_every_variable(name, layout):
+    import jax
+    import jax.numpy as jnp
+
+    model = vgg_flax.get_model(name)
+    arch = convert.Architecture(model.config, model.batch_norm, 1000, 4096, layout, True)
+    rules, ignored = convert.conversion_rules(arch, with_classifier=True)
+    keys = [r.key for r in rules] + ignored
+    assert len(keys) == len(set(keys)) and len({r.path for r in rules}) == len(rules)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+    flat = weights.flatten_variables(shapes, leaf=lambda v: v.shape)
+    assert {"/".join(r.path) for r in rules} == set(flat)
+    if layout == "torchvision" and name in TORCHVISION_NAMES:
+        with torch.device("meta"):
+            reference = getattr(torchvision.models, name)().state_dict()
+        assert keys and set(keys) == set(reference)
+        assert all(tuple(reference[r.key].shape) == r.shape for r in rules)
+
+
 @pytest.mark.parametrize("config", ["C", "A-LRN"])
 def test_paper_only_configs_convert_from_a_torchvision_layout(config):
     flax_model = vgg_flax.VGG(config=config, fc_width=64, num_classes=10)
