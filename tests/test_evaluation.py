@@ -156,3 +156,31 @@ def test_cli_eval_prints_and_saves_the_table(tiny, image_folder, tmp_path, capsy
     assert saved["results"]["center"]["count"] == 7 and saved["normalization"] == "symmetric"
     direct, labels = _direct(model, variables, image_folder)
     assert saved["results"]["center"]["top1"] == pytest.approx(np.mean(direct["center"].argmax(-1) == labels))
+
+
+def test_cli_eval_reads_a_training_workdir(tmp_path, capsys):
+    """`vgg-flax eval --workdir` takes the model, dataset, split and preset from a real (2-step) run."""
+    import importlib.util
+
+    from vgg_flax import cli, training
+
+    spec = importlib.util.spec_from_file_location(
+        "default_config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.config = (8, "M", 8, "M")
+    config.model.small_head_width = 0
+    config.data_dir = str(tmp_path / "tfds")
+    config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+    config.tensorboard, config.progress, config.async_checkpoints = False, "none", False
+    workdir = str(tmp_path / "run")
+    training.train_and_evaluate(config, workdir)
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", "--workdir", workdir, "--protocols", "center,dense",
+                     "--batch-size", "100", "--output", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    run = (saved["dataset"], saved["split"], saved["normalization"])
+    assert run == ("sklearn_digits", "test", "symmetric")
+    assert saved["results"]["center"]["count"] == saved["results"]["dense"]["count"] == 359
+    assert "center" in capsys.readouterr().out
