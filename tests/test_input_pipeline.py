@@ -97,6 +97,19 @@ def test_training_order_is_a_function_of_seed_and_step(digits_dir, cache):
     assert not np.array_equal(other["label"], batches[0]["label"])
 
 
+def test_training_shards_are_disjoint_per_process(digits_dir):
+    """Two processes each stream their own half; one epoch of both covers the split once."""
+    pixels = []
+    for index in range(2):
+        run = _digits(digits_dir, "train", batch_size=719, process_index=index, process_count=2,
+                      normalization="symmetric")
+        batch = next(run)  # 719 = 1438 / 2: exactly one epoch of this process's share.
+        pixels += [image.tobytes() for image in batch["image"]]
+    assert len(set(pixels)) > 1400  # A few digits are pixel-identical; shares do not repeat.
+    whole = next(_digits(digits_dir, "train", batch_size=1438, normalization="symmetric"))
+    assert sorted(pixels) == sorted(image.tobytes() for image in whole["image"])
+
+
 def _labels(digits_dir, split):
     batches = list(_digits(digits_dir, split, train=False, batch_size=500))
     return np.concatenate([b["label"][b["mask"]] for b in batches])
