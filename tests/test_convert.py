@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import vgg_flax
-from vgg_flax import cli, convert, predict, preprocessing, weights
+from vgg_flax import cli, convert, predict, preprocessing, torch_check, weights
 from vgg_flax.weights import ConversionError
 
 torch = pytest.importorskip("torch")
@@ -105,7 +105,7 @@ def test_rules_use_every_key_once_and_fill_every_variable(name, layout):
 def test_paper_only_configs_convert_from_a_torchvision_layout(config):
     flax_model = vgg_flax.VGG(config=config, fc_width=64, num_classes=10)
     torch.manual_seed(0)
-    reference = convert.torch_reference(flax_model)
+    reference = torch_check.torch_reference(flax_model)
     model, variables = vgg_flax.load_torchvision(reference.state_dict())
     assert (model.config, model.fc_width, model.num_classes) == (config, 64, 10)
     x = torch.randn(2, 3, 72, 56)  # the adaptive pool upsamples 2x1 -> 7x7
@@ -169,7 +169,7 @@ def test_timm_layout_gives_the_same_variables(vgg11_bn, tmp_path):
 @pytest.fixture(scope="module")
 def slim():
     torch.manual_seed(2)
-    reference = _randomize_bn(convert.torch_reference(
+    reference = _randomize_bn(torch_check.torch_reference(
         vgg_flax.VGG(config="A", batch_norm=True, fc_width=64, num_classes=1000)), seed=2)
     return reference, reference.state_dict()
 
