@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import vgg_flax
-from vgg_flax import cli, convert, predict, preprocessing, torch_check, weights
+from vgg_flax import cli, convert, models, predict, preprocessing, torch_check, weights
 from vgg_flax.weights import ConversionError
 
 torch = pytest.importorskip("torch")
@@ -259,6 +259,16 @@ def test_bad_state_dicts_name_the_key_and_shapes(slim):
     with pytest.raises(ConversionError,
                        match=r"'classifier.3.weight': expected shape \(64, 64\), found \(64, 65\)"):
         vgg_flax.load_torchvision(state)
+
+
+def test_features_only_state_dict_needs_head_none(slim):
+    features = {k: v for k, v in _numpy_state(slim).items() if k.startswith("features.")}
+    with pytest.raises(ConversionError, match="no classifier weights.*head='none'"):
+        vgg_flax.load_torchvision(features)
+    model, variables = vgg_flax.load_torchvision(features, head="none")
+    convs = [name for name, _ in models.layer_names("A") if name.startswith("conv")]
+    assert model.head == "none"
+    assert set(variables["params"]) == set(convs) | {"bn" + name[4:] for name in convs}
 
 
 def test_wrong_architecture_is_one_clear_error(slim):

@@ -286,8 +286,10 @@ def _convert(state: dict[str, np.ndarray], head: str, where: str, model_kwargs: 
         raise ConversionError(f"head {head!r} has no torchvision weights; use 'torchvision', 'dense' "
                               "or 'none'")
     arch = infer_architecture(state, **model_kwargs)
-    with_classifier = head != "none"
-    rules, ignored = conversion_rules(arch, with_classifier=with_classifier)
+    if head != "none" and not arch.has_classifier:
+        raise ConversionError(f"{where} holds no classifier weights (no {_CLASSIFIER_KEYS[arch.layout][0]}"
+                              ".weight): pass head='none' to load the features only")
+    rules, ignored = conversion_rules(arch, with_classifier=head != "none")
     check_state(state, rules, ignored, where)
     variables = _build(state, rules, dtype=model_kwargs.get("param_dtype", np.float32))
     state.clear()  # the remaining (ignored) source tensors
@@ -319,8 +321,7 @@ def to_torchvision(model: VGG, variables: Mapping[str, Any], layout: str = "torc
     if model.head == "small":
         raise ConversionError("the 'small' head has no torchvision counterpart; export head='none' "
                               "variables for the features")
-    params_out = model.num_classes
-    arch = Architecture(model.config, model.batch_norm, params_out, model.fc_width, layout,
+    arch = Architecture(model.config, model.batch_norm, model.num_classes, model.fc_width, layout,
                         model.head != "none")
     rules, _ = conversion_rules(arch, with_classifier=arch.has_classifier)
     flat = weights.flatten_variables(variables)

@@ -73,7 +73,8 @@ def verify_hash_prefix(path: str | os.PathLike) -> tuple[str | None, str | None]
     if not sha256.startswith(prefix):
         raise ConversionError(
             f"{os.fspath(path)}: sha256 {sha256} does not start with the hash prefix {prefix!r} in its "
-            "name: the file is corrupt, truncated or not the file its name claims; download it again")
+            "name: the file is corrupt, truncated or not the file its name claims; download it again (or, if "
+            "the name only looks like it carries a hash, pass verify_hash=False / --no-verify-hash)")
     return prefix, sha256
 
 
