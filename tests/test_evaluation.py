@@ -184,3 +184,41 @@ def test_cli_eval_reads_a_training_workdir(tmp_path, capsys):
     assert run == ("sklearn_digits", "test", "symmetric")
     assert saved["results"]["center"]["count"] == saved["results"]["dense"]["count"] == 359
     assert "center" in capsys.readouterr().out
+
+
+_MULTI_DEVICE_SCRIPT = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import flax.serialization, jax, numpy as np
+import vgg_flax
+from vgg_flax import evaluation
+assert jax.device_count() == 4
+model = vgg_flax.VGG(config=(8, "M", 16, "M", 16, "M"), fc_width=16, num_classes=10)
+with open(sys.argv[1], "rb") as f:
+    variables = flax.serialization.msgpack_restore(f.read())
+out = {}
+for protocol in ("dense", "multicrop"):
+    out[protocol], out["labels"] = evaluation.posteriors(
+        model, variables, sys.argv[2], "val", protocol=protocol, scale=64, image_size=32, batch_size=4,
+        normalization="symmetric")
+np.savez(sys.argv[3], **out)
+"""
+
+
+def test_multi_device_evaluation_equals_single_device(tiny, image_folder, tmp_path):
+    import subprocess
+    import sys
+
+    import flax.serialization
+
+    model, variables = tiny
+    assert model.config == (8, "M", 16, "M", 16, "M") and model.fc_width == 16  # As in the script.
+    (tmp_path / "v.msgpack").write_bytes(
+        flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, variables)))
+    subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT, str(tmp_path / "v.msgpack"),
+                    f"folder:{image_folder}", str(tmp_path / "out.npz")], check=True)
+    sharded = np.load(tmp_path / "out.npz")
+    direct, labels = _direct(model, variables, image_folder)
+    np.testing.assert_array_equal(sharded["labels"], labels)  # 7 images: 2 batches of 4, one padded.
+    for protocol in ("dense", "multicrop"):
+        np.testing.assert_allclose(sharded[protocol], direct[protocol], atol=2e-5, err_msg=protocol)

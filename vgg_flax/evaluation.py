@@ -15,6 +15,9 @@ posteriors of several scales are averaged):
                        protocols=("center", "dense", "multicrop"), scales=(256, 384, 512))
     print(format_table(results)); save_json(results, "eval.json")
 
+With several devices, each batch is split over a 1-D "data" mesh of all devices (batch_size must be
+a multiple of the local device count) and the variables are replicated; the same code runs multi-host.
+
 Deviation from the paper: dense evaluation sees the Q x Q center square, not the whole (non-square)
 image, so that images batch; multi-crop does use the whole resized image. Metrics are sums of correct
 predictions over real examples and their count (padded examples masked, never dropped), summed over
@@ -82,16 +85,60 @@ def posteriors(model, variables, name: str, split: str, *, protocol: str, scale:
     from vgg_flax import input_pipeline
 
     fn = posterior_fn(model, protocol)
+    mesh = _data_mesh(batch_size)
+    if mesh is not None:
+        variables = _replicate(variables, mesh)
     batches = input_pipeline.create_dataset(
         name, split, batch_size=batch_size, train=False, image_size=image_size, data_dir=data_dir,
         normalization=normalization, process_index=process_index, process_count=process_count,
         eval_views=_VIEWS[protocol], eval_resize=scale, multicrop_grid=multicrop_grid)
     probs, labels = [], []
     for batch in batches:
-        out = np.asarray(fn(variables, batch["image"]))
+        out = _local_rows(fn(variables, _shard(batch["image"], mesh)), mesh)
         probs.append(out[batch["mask"]])
         labels.append(batch["label"][batch["mask"]])
     return np.concatenate(probs), np.concatenate(labels)
+
+
+def _data_mesh(batch_size: int):
+    """A 1-D "data" mesh over every device when there are several (None: plain single-device jit)."""
+    import jax
+
+    if jax.device_count() == 1:
+        return None
+    if batch_size % jax.local_device_count():
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the {jax.local_device_count()} "
+                         "local devices")
+    return jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def _replicate(variables, mesh):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+
+
+def _shard(images: np.ndarray, mesh):
+    """This process's batch as its rows of a global batch sharded over the "data" axis."""
+    if mesh is None:
+        return images
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("data")), images)
+
+
+def _local_rows(out, mesh) -> np.ndarray:
+    """This process's rows of a (possibly multi-host) output, as numpy."""
+    import jax
+
+    if mesh is None or jax.process_count() == 1:
+        return np.asarray(out)
+    from jax.experimental import multihost_utils
+    from jax.sharding import PartitionSpec
+
+    return np.asarray(multihost_utils.global_array_to_host_local_array(out, mesh, PartitionSpec("data")))
 
 
 def topk_correct(probs: np.ndarray, labels: np.ndarray, k: int) -> int:
