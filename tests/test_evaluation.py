@@ -61,7 +61,7 @@ def _direct(model, variables, root):
     dense = model.clone(head="dense")
     apply = {net: jax.jit(lambda v, x, net=net: jax.nn.softmax(net.apply(v, x))) for net in (model, dense)}
     softmax = lambda net, xs: np.asarray(apply[net](variables, np.stack(xs)))
-    out = {"center": [], "dense": [], "multicrop": []}
+    out = {"center": [], "dense": [], "multicrop": [], "dense_whole": []}
     labels = []
     for path, label in _files(root):
         x = norm(np.asarray(Image.open(path).convert("RGB"), np.float32))
@@ -70,6 +70,7 @@ def _direct(model, variables, root):
         out["center"].append(softmax(model, [crop(round((h - S) / 2), round((w - S) / 2), S)])[0])
         square = crop(round((h - Q) / 2), round((w - Q) / 2), Q)
         out["dense"].append(softmax(dense, [square, square[:, ::-1]]).mean(0))
+        out["dense_whole"].append(softmax(dense, [x, x[:, ::-1]]).mean(0))
         crops = [crop(round(i * (h - S) / 4), round(j * (w - S) / 4), S) for i in range(5) for j in range(5)]
         out["multicrop"].append(softmax(model, crops + [c[:, ::-1] for c in crops]).mean(0))
         labels.append(label)
@@ -87,6 +88,11 @@ def test_each_protocol_equals_a_direct_computation(tiny, image_folder):
             batch_size=3, normalization="symmetric")
         np.testing.assert_array_equal(got_labels, labels)
         np.testing.assert_allclose(probs, direct[protocol], atol=2e-5, err_msg=protocol)
+    whole, _ = evaluation.posteriors(model, variables, f"folder:{image_folder}", "val", protocol="dense",
+                                     scale=Q, image_size=S, batch_size=3, normalization="symmetric",
+                                     dense_images="whole")
+    np.testing.assert_allclose(whole, direct["dense_whole"], atol=2e-5)
+    assert not np.allclose(whole, direct["dense"], atol=1e-3)  # Non-square images: a different input.
     assert direct["dense"].max() > 0.3  # 3x uniform: confident enough that a wrong average would show.
     assert not np.allclose(direct["dense"], direct["multicrop"], atol=1e-2)
 

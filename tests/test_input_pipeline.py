@@ -149,6 +149,8 @@ def test_bad_arguments_raise_clear_errors(digits_dir):
         _digits(digits_dir, "train", shuffle_bufer=10)
     with pytest.raises(KeyError, match="valid"):
         _digits(digits_dir, "train", augment="mixup")
+    with pytest.raises(ValueError, match="batch_size must be 1"):
+        _digits(digits_dir, "test", train=False, batch_size=2, eval_views="whole")
     with pytest.raises(FileNotFoundError, match="not prepared"):
         ip.create_dataset("mnist", "train", batch_size=2, train=False, image_size=32,
                           data_dir=digits_dir)

@@ -5,6 +5,7 @@ Subcommands:
   convert   torchvision/timm weights (.pth, .safetensors) into a vgg-flax weights file
   predict   top-5 ImageNet classes of image files with a converted weights file
   eval      top-1/top-5 with the paper's test protocols over a TFDS split or an image folder
+  train     the training program (same as `python train.py`; its absl flags follow `train`)
 """
 
 from __future__ import annotations
@@ -96,11 +97,21 @@ def _eval(args: argparse.Namespace) -> int:
     results = evaluation.evaluate(
         model, variables, run["dataset"], run["split"], image_size=run["image_size"],
         protocols=args.protocols.split(","), scales=scales, batch_size=args.batch_size,
-        data_dir=run["data_dir"], normalization=run["normalization"], multicrop_grid=args.grid)
+        data_dir=run["data_dir"], normalization=run["normalization"], multicrop_grid=args.grid,
+        dense_images="whole" if args.dense_whole_image else "square")
     print(evaluation.format_table(results))
     if args.output:
-        evaluation.save_json(results, args.output, weights=args.weights or args.workdir, **run)
+        evaluation.save_json(results, args.output, weights=args.weights or args.workdir,
+                             dense_whole_image=args.dense_whole_image, **run)
         print(f"saved {args.output}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Hands every argument after `train` to the absl program (argparse would eat `--flags`)."""
+    from vgg_flax import train_app
+
+    train_app.run(["vgg-flax train", *args.flags])
     return 0
 
 
@@ -142,13 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", help="comma list of test scales Q (default: round(S * 256 / 224), "
                                     "or S for fixed-size datasets)")
     p.add_argument("--grid", type=int, default=5, help="multi-crop grid (grid x grid x 2 flips)")
+    p.add_argument("--dense-whole-image", action="store_true",
+                   help="dense protocol on the whole image, one at a time (default: Q x Q center square)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--output", help="write the results as JSON here")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("train", help="train (flags as train.py: --workdir, --config, --config.KEY=V)",
+                       add_help=False)
+    p.add_argument("flags", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        return _train(argparse.Namespace(flags=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 

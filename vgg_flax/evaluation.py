@@ -4,9 +4,9 @@ Protocols (each at one or several test scales Q, the short side the image is res
 posteriors of several scales are averaged):
 
     center           the center S x S crop (torchvision's Resize(Q) + CenterCrop(S) preset)
-    dense            the paper's dense evaluation: FC layers as convolutions over the Q x Q center
-                     square of the resized image, class scores averaged over the map, softmax
-                     averaged with the horizontally flipped image's
+    dense            the paper's dense evaluation: FC layers as convolutions over the resized image
+                     (by default its Q x Q center square, see below), class scores averaged over the
+                     map, softmax averaged with the horizontally flipped image's
     multicrop        a 5 x 5 grid of S x S crops spanning the resized image, and their flips:
                      softmax averaged over the 50 crops
     dense+multicrop  the average of the dense and multi-crop posteriors (the paper's Table 6)
@@ -18,8 +18,10 @@ posteriors of several scales are averaged):
 With several devices, each batch is split over a 1-D "data" mesh of all devices (batch_size must be
 a multiple of the local device count) and the variables are replicated; the same code runs multi-host.
 
-Deviation from the paper: dense evaluation sees the Q x Q center square, not the whole (non-square)
-image, so that images batch; multi-crop does use the whole resized image. Metrics are sums of correct
+Dense evaluation sees the whole resized image, as in the paper, with dense_images="whole"; images then
+go one at a time on one device, compiled once per distinct image shape (hundreds on ImageNet). The
+default dense_images="square" takes the Q x Q center square so that images batch (identical for square
+datasets). Multi-crop always spans the whole resized image. Metrics are sums of correct
 predictions over real examples and their count (padded examples masked, never dropped), summed over
 processes and divided once. Models with the "torchvision" head are evaluated densely with the same
 weights through head="dense"; the "small" and "dense" heads already accept any input size.
@@ -75,23 +77,28 @@ def posterior_fn(model, protocol: str):
 
 def posteriors(model, variables, name: str, split: str, *, protocol: str, scale: int, image_size: int,
                batch_size: int, data_dir: str | None = None, normalization: str = "torchvision",
-               multicrop_grid: int = 5, process_index: int | None = None,
+               multicrop_grid: int = 5, dense_images: str = "square", process_index: int | None = None,
                process_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """This process's (float32[n, classes] posteriors, int32[n] labels) of one protocol at scale Q.
 
     Rows follow the split's fixed evaluation order; padding is removed, so n is this process's exact
-    share of the split. For "multicrop" the network sees batch_size * 2 * grid**2 crops per call.
+    share of the split. For "multicrop" the network sees batch_size * 2 * grid**2 crops per call;
+    dense_images="whole" evaluates one whole image per call on one device (see the module docstring).
     """
     from vgg_flax import input_pipeline
 
+    if dense_images not in ("square", "whole"):
+        raise KeyError(f"dense_images must be 'square' or 'whole', not {dense_images!r}")
+    whole = protocol == "dense" and dense_images == "whole"
+    view, batch_size = ("whole", 1) if whole else (_VIEWS[protocol], batch_size)
     fn = posterior_fn(model, protocol)
-    mesh = _data_mesh(batch_size)
+    mesh = None if whole else _data_mesh(batch_size)
     if mesh is not None:
         variables = _replicate(variables, mesh)
     batches = input_pipeline.create_dataset(
         name, split, batch_size=batch_size, train=False, image_size=image_size, data_dir=data_dir,
         normalization=normalization, process_index=process_index, process_count=process_count,
-        eval_views=_VIEWS[protocol], eval_resize=scale, multicrop_grid=multicrop_grid)
+        eval_views=view, eval_resize=scale, multicrop_grid=multicrop_grid)
     probs, labels = [], []
     for batch in batches:
         out = _local_rows(fn(variables, _shard(batch["image"], mesh)), mesh)
@@ -170,7 +177,7 @@ def _sum_over_processes(values: np.ndarray) -> np.ndarray:
 def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,
              protocols: Sequence[str] = ("center",), scales: Sequence[int] | None = None,
              batch_size: int = 32, data_dir: str | None = None, normalization: str = "torchvision",
-             multicrop_grid: int = 5, process_index: int | None = None,
+             multicrop_grid: int = 5, dense_images: str = "square", process_index: int | None = None,
              process_count: int | None = None) -> dict[str, dict[str, Any]]:
     """Top-1/top-5 of each protocol over a split (or "folder:/root" split).
 
@@ -182,6 +189,7 @@ def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,
       scales: test scales Q; posteriors are averaged over them. Default: the pipeline's single
         default Q (round(S * 256 / 224), or S for fixed-size datasets such as the digits).
       batch_size: images per call (multi-crop: times 2 * grid**2 crops).
+      dense_images: "square" (batched) or "whole" (the paper's; one image per call).
     Returns:
       {protocol: {"top1", "top5" (fractions), "count" (examples), "scales" (list)}}.
     """
@@ -198,7 +206,8 @@ def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,
                                                      get_preset(normalization))]
     needed = sorted({part for p in protocols for part in p.split("+")})
     kw = dict(image_size=image_size, batch_size=batch_size, data_dir=data_dir, normalization=normalization,
-              multicrop_grid=multicrop_grid, process_index=process_index, process_count=process_count)
+              multicrop_grid=multicrop_grid, dense_images=dense_images, process_index=process_index,
+              process_count=process_count)
     averaged, labels = {}, None
     for protocol in needed:
         per_scale = [posteriors(model, variables, name, split, protocol=protocol, scale=q, **kw)

@@ -36,7 +36,7 @@ from vgg_flax import preprocessing
 from vgg_flax.datasets import EMBEDDED, folder
 
 AUGMENTATIONS = ("paper", "inception", "shift", "flip", "none")
-EVAL_VIEWS = ("center", "full", "multicrop")
+EVAL_VIEWS = ("center", "full", "multicrop", "whole")
 FOLDER_PREFIX = "folder:"
 AUTO_CACHE_BYTES = 256 * 2**20  # cache=None caches fixed-size datasets up to this size (digits, cifar10)
 # Defaults of `create_dataset(**options)`; anything else is a TypeError.
@@ -46,7 +46,7 @@ OPTIONS: dict[str, Any] = {
     "area_range": (0.08, 1.0), "aspect_range": (3 / 4, 4 / 3),  # inception crop
     "shift": None,          # shift: max translation in pixels (zero padding); default image_size // 8
     "eval_resize": None,    # eval: short side Q; default image_size for fixed-size datasets, else *256/224
-    "eval_views": "center",  # eval: "center" crop, "full" Q x Q square (dense eval), "multicrop" grid
+    "eval_views": "center",  # eval: "center" crop, "full" Q x Q square, "multicrop" grid, "whole" image
     "multicrop_grid": 5,    # multicrop: grid x grid crops, each also flipped
     "cache": None,          # keep decoded images in memory; None: when they fit AUTO_CACHE_BYTES
     "shuffle_buffer": 65536,
@@ -155,7 +155,8 @@ def create_dataset(name: str, split: str, *, batch_size: int, train: bool, image
       process_index, process_count: this process's even share of the split (default: JAX's).
       **options: keys of OPTIONS.
     Returns:
-      An iterator of {"image": float32[B, S, S, 3] (float32[B, V, S, S, 3] for eval_views="multicrop"),
+      An iterator of {"image": float32[B, S, S, 3] (float32[B, V, S, S, 3] for eval_views="multicrop",
+      float32[1, h, w, 3], the whole image with short side Q, for "whole", which needs batch_size 1),
       "label": int32[B], "mask": bool[B]}.
     """
     opts = _check_options(options, augment)
@@ -318,6 +319,9 @@ def _eval_stream(source, *, batch_size, image_size, norm, opts):
     from vgg_flax.datasets import transforms
 
     resize = opts["eval_resize"] or default_eval_resize(image_size, source.fixed_size, norm)
+    if opts["eval_views"] == "whole" and batch_size != 1:
+        raise ValueError(f"eval_views='whole' yields images of different sizes: batch_size must be 1, "
+                         f"not {batch_size}")
     view = transforms.eval_transform(opts["eval_views"], image_size=image_size, resize=resize,
                                      grid=opts["multicrop_grid"])
     examples, decoded = _decoded(source, opts["cache"])
@@ -330,7 +334,8 @@ def _eval_stream(source, *, batch_size, image_size, norm, opts):
     ds = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     num_batches = math.ceil(max(source.shares) / batch_size)
     padding = num_batches * batch_size - source.shares[source.index]
-    blank = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
+    blank = tf.nest.map_structure(lambda s: tf.zeros([d or resize for d in s.shape], s.dtype),
+                                  ds.element_spec)  # ("whole" images have no static size.)
     blank["mask"] = tf.constant(False)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

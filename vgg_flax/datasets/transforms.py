@@ -145,7 +145,8 @@ def eval_transform(views: str, *, image_size: int, resize: int, grid: int = 5) -
 
     "center": the center image_size crop, float32[S, S, 3] (torchvision's eval preset);
     "full": the center Q x Q square, float32[Q, Q, 3] (dense evaluation; see evaluation.py);
-    "multicrop": `multi_crops`, float32[2 * grid**2, S, S, 3].
+    "multicrop": `multi_crops`, float32[2 * grid**2, S, S, 3];
+    "whole": the whole resized image, float32[h, w, 3] (the paper's dense evaluation input).
     """
     if resize < image_size:
         raise ValueError(f"eval resize {resize} is smaller than the crop {image_size}")
@@ -156,7 +157,9 @@ def eval_transform(views: str, *, image_size: int, resize: int, grid: int = 5) -
     if views == "multicrop":
         return lambda im: multi_crops(resize_short_side(im, resize, round_pixels=True), size=image_size,
                                       grid=grid)
-    raise KeyError(f"unknown eval views {views!r}; valid: 'center', 'full', 'multicrop'")
+    if views == "whole":
+        return lambda im: resize_short_side(im, resize, round_pixels=True)
+    raise KeyError(f"unknown eval views {views!r}; valid: 'center', 'full', 'multicrop', 'whole'")
 
 
 def normalize(pixels: tf.Tensor, norm: preprocessing.Normalization) -> tf.Tensor:
