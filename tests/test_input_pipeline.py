@@ -171,7 +171,7 @@ def _odd_images(root):
     (root / "b" / "corrupt.jpg").write_bytes(rng.bytes(500))
     jpeg = io.BytesIO()
     Image.fromarray(rgb).save(jpeg, format="JPEG")
-    (root / "b" / "truncated.JPEG").write_bytes(jpeg.getvalue()[:200])
+    (root / "b" / "truncated.JPEG").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) * 3 // 5])
     (root / "b" / "notes.txt").write_text("not an image")
     return rgb
 
@@ -195,6 +195,20 @@ def test_folder_reader_survives_corrupt_and_odd_mode_images(tmp_path):
     train = next(ip.create_dataset(name, "train[:50%]", batch_size=3, train=True, image_size=32,
                                    augment="paper", scale_range=(32, 48)))
     assert train["image"].shape == (3, 32, 32, 3) and sorted(train["label"].tolist()) == [0, 0, 0]
+
+
+def test_a_file_that_breaks_after_the_scan_is_dropped_in_training_and_masked_in_eval(tmp_path):
+    _odd_images(tmp_path / "train")
+    name = f"folder:{tmp_path}"
+    with pytest.warns(UserWarning):
+        assert ip.dataset_info(name).num_examples("train") == 6  # Scanned (and cached) now.
+    (tmp_path / "train" / "a" / "rgb.jpg").write_bytes(b"overwritten")
+    batches = list(ip.create_dataset(name, "train", batch_size=4, train=False, image_size=32,
+                                     eval_resize=40))
+    assert np.concatenate([b["mask"] for b in batches]).sum() == 5
+    train = ip.create_dataset(name, "train", batch_size=5, train=True, image_size=32, augment="none")
+    first = next(train)  # The broken file (class a) is dropped: one epoch is the 5 good images.
+    assert first["mask"].all() and sorted(first["label"].tolist()) == [0, 0, 1, 1, 1]
 
 
 def _photo(height, width):

@@ -194,7 +194,8 @@ def even_shares(n: int, count: int) -> list[int]:
 
 @dataclasses.dataclass
 class _Source:
-    """One process's undecoded examples {"raw", "label"}, a decoder and every process's share size."""
+    """One process's undecoded examples {"raw", "label"}, a decoder (raw -> (uint8[H, W, 3], ok)) and
+    every process's share size."""
 
     raw: Any  # tf.data.Dataset
     decode: Callable
@@ -239,14 +240,24 @@ def _decode_bytes(raw):
     import tensorflow as tf
 
     image = tf.io.decode_image(raw, channels=3, expand_animations=False)
-    return tf.ensure_shape(image, [None, None, 3])
+    return tf.ensure_shape(image, [None, None, 3]), tf.constant(True)
+
+
+def _load_or_blank(path: bytes) -> tuple[np.ndarray, bool]:
+    """A file that passed the scan but fails now (changed on disk) must not kill a long run."""
+    try:
+        return folder.load_rgb(path.decode()), True
+    except Exception as error:  # Any PIL failure.
+        logger.warning("skipping unreadable image %s: %s", path.decode(), error)
+        return np.zeros((1, 1, 3), np.uint8), False
 
 
 def _decode_file(path):
+    """Training drops a file that fails here; evaluation masks it (it is then not counted)."""
     import tensorflow as tf
 
-    image = tf.numpy_function(lambda p: folder.load_rgb(p.decode()), [path], tf.uint8, stateful=False)
-    return tf.ensure_shape(image, [None, None, 3])
+    image, ok = tf.numpy_function(_load_or_blank, [path], [tf.uint8, tf.bool], stateful=False)
+    return tf.ensure_shape(image, [None, None, 3]), tf.ensure_shape(ok, [])
 
 
 def _decoded(source: _Source, cache: bool | None):
@@ -258,8 +269,11 @@ def _decoded(source: _Source, cache: bool | None):
         return source.raw, False
     import tensorflow as tf
 
-    ds = source.raw.map(lambda ex: {"raw": source.decode(ex["raw"]), "label": ex["label"]},
-                        num_parallel_calls=tf.data.AUTOTUNE)
+    def decode(ex):
+        image, ok = source.decode(ex["raw"])
+        return {"raw": image, "ok": ok, "label": ex["label"]}
+
+    ds = source.raw.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.cache(), True
 
 
@@ -297,13 +311,12 @@ def _train_stream(source, *, batch_size, image_size, seed, start_step, augment, 
     key = tf.constant([seed % (2**31), source.index], tf.int64)
 
     def prepare(position, ex):
-        image = ex["raw"] if decoded else source.decode(ex["raw"])
+        image, ok = (ex["raw"], ex["ok"]) if decoded else source.decode(ex["raw"])
         rng = tf.random.experimental.stateless_fold_in(key, position)
         pixels = augment_fn(image, rng)
-        return {"image": transforms.normalize(pixels, norm), "label": ex["label"],
-                "mask": tf.constant(True)}
+        return {"image": transforms.normalize(pixels, norm), "label": ex["label"], "mask": ok}
 
-    ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).filter(lambda ex: ex["mask"])
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(opts["threads"]))
 
@@ -327,9 +340,8 @@ def _eval_stream(source, *, batch_size, image_size, norm, opts):
     examples, decoded = _decoded(source, opts["cache"])
 
     def prepare(ex):
-        image = ex["raw"] if decoded else source.decode(ex["raw"])
-        return {"image": transforms.normalize(view(image), norm), "label": ex["label"],
-                "mask": tf.constant(True)}
+        image, ok = (ex["raw"], ex["ok"]) if decoded else source.decode(ex["raw"])
+        return {"image": transforms.normalize(view(image), norm), "label": ex["label"], "mask": ok}
 
     ds = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     num_batches = math.ceil(max(source.shares) / batch_size)
