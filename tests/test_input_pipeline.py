@@ -69,6 +69,19 @@ def test_augmentations_keep_shape_dtype_and_range(digits_dir, augment, normaliza
     assert pixels.std() > 10  # Not blank.
 
 
+@pytest.mark.parametrize("shape,short", [((375, 500), 256), ((500, 333), 512), ((64, 48), 40),
+                                         ((40, 40), 97)])
+def test_resized_window_equals_resizing_everything_then_slicing(shape, short):
+    from vgg_flax.datasets import transforms
+
+    image = np.random.default_rng(1).integers(0, 256, shape + (3,), dtype=np.uint8)
+    full = transforms.resize_short_side(image, short).numpy()
+    size = min(full.shape[:2]) * 2 // 3
+    for top, left in [(0, 0), (full.shape[0] - size, full.shape[1] - size), (3, 7)]:
+        window = transforms.resized_window(image, short, top, left, size).numpy()
+        np.testing.assert_allclose(window, full[top:top + size, left:left + size], atol=0.02)
+
+
 def test_paper_augmentation_is_random_and_none_is_identity(digits_dir):
     plain = next(_digits(digits_dir, "test", train=False, batch_size=8, normalization="symmetric"))
     none = next(_digits(digits_dir, "train", augment="none", batch_size=8, seed=1))

@@ -27,28 +27,51 @@ PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
 Transform = Callable[..., tf.Tensor]
 
 
-def resize_short_side(image: tf.Tensor, short, *, round_pixels: bool = False) -> tf.Tensor:
-    """float32[h', w', 3]: `image` resized so its short side is `short` (torchvision's Resize(short)).
-
-    round_pixels: round to integers as PIL's uint8 output does (evaluation, to match torchvision).
-    """
+def short_side_shape(image: tf.Tensor, short) -> tuple[tf.Tensor, tf.Tensor]:
+    """(new_h, new_w) int32 of torchvision's Resize(short) for this image."""
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
     short = tf.cast(short, tf.int32)
-    new_h = tf.where(h <= w, short, short * h // w)
-    new_w = tf.where(h <= w, short * w // h, short)
-    out = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
-    if round_pixels:
-        out = tf.clip_by_value(tf.round(out), 0.0, 255.0)
-    return out
+    return tf.where(h <= w, short, short * h // w), tf.where(h <= w, short * w // h, short)
 
 
-def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-    """The central size x size window, offsets as torchvision's CenterCrop."""
-    shape = tf.shape(image)
-    top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float32) / 2.0), tf.int32)
-    left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float32) / 2.0), tf.int32)
-    return tf.ensure_shape(image[top:top + size, left:left + size], [size, size, 3])
+def _round(pixels: tf.Tensor) -> tf.Tensor:
+    """As PIL's uint8 output: evaluation rounds, to match torchvision on PIL images."""
+    return tf.clip_by_value(tf.round(pixels), 0.0, 255.0)
+
+
+def resize_short_side(image: tf.Tensor, short, *, round_pixels: bool = False) -> tf.Tensor:
+    """float32[h', w', 3]: `image` resized so its short side is `short` (torchvision's Resize(short))."""
+    out = tf.image.resize(image, tf.stack(short_side_shape(image, short)), method="bilinear",
+                          antialias=True)
+    return _round(out) if round_pixels else out
+
+
+def resized_window(image: tf.Tensor, short, top, left, size: int, *, round_pixels: bool = False):
+    """float32[size, size, 3]: resize_short_side(image, short)[top:top + size, left:left + size],
+    computing only that window (the same antialiased bilinear filter via scale-and-translate), which
+    makes large training scales (S up to 512) several times cheaper than resizing the whole image."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    new = tf.cast(tf.stack(short_side_shape(image, short)), tf.float32)
+    out = tf.raw_ops.ScaleAndTranslate(
+        images=tf.cast(image, tf.float32)[None], size=tf.constant([size, size]), scale=new / shape,
+        translation=-tf.cast(tf.stack([top, left]), tf.float32), kernel_type="triangle",
+        antialias=True)[0]
+    out = tf.ensure_shape(out, [size, size, 3])
+    return _round(out) if round_pixels else out
+
+
+def center_offsets(image: tf.Tensor, short, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """(top, left) of torchvision's CenterCrop(size) after Resize(short): round((H - size) / 2)."""
+    new_h, new_w = short_side_shape(image, short)
+    half = lambda n: tf.cast(tf.round(tf.cast(n - size, tf.float32) / 2.0), tf.int32)
+    return half(new_h), half(new_w)
+
+
+def resize_center_crop(image: tf.Tensor, short, size: int, *, round_pixels: bool = False):
+    """torchvision's Resize(short) + CenterCrop(size), float32[size, size, 3]."""
+    top, left = center_offsets(image, short, size)
+    return resized_window(image, short, top, left, size, round_pixels=round_pixels)
 
 
 def pca_lighting(image: tf.Tensor, seed: tf.Tensor, std: float) -> tf.Tensor:
@@ -63,9 +86,12 @@ def paper_crop(image, seed, *, size: int, scale_range: tuple[int, int], color_pc
     s_min, s_max = scale_range
     if s_min < size or s_max < s_min:
         raise ValueError(f"scale_range {scale_range} must satisfy image_size {size} <= S_min <= S_max")
-    seeds = tf.random.experimental.stateless_split(seed, num=4)
+    seeds = tf.random.experimental.stateless_split(seed, num=5)
     short = tf.random.stateless_uniform([], seeds[0], minval=s_min, maxval=s_max + 1, dtype=tf.int32)
-    x = tf.image.stateless_random_crop(resize_short_side(image, short), [size, size, 3], seed=seeds[1])
+    new_h, new_w = short_side_shape(image, short)
+    top = tf.random.stateless_uniform([], seeds[1], minval=0, maxval=new_h - size + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([], seeds[4], minval=0, maxval=new_w - size + 1, dtype=tf.int32)
+    x = resized_window(image, short, top, left, size)
     x = tf.image.stateless_random_flip_left_right(x, seed=seeds[2])
     if color_pca:
         x = pca_lighting(x, seeds[3], color_pca)
@@ -90,7 +116,7 @@ def inception_crop(image, seed, *, size: int, area_range, aspect_range):
 def shift_crop(image, seed, *, size: int, shift: int, flip: bool = False):
     """Small-image augmentation: resize + center crop, zero-pad by `shift`, random crop (a translation
     of up to `shift` pixels), optionally flip. shift=0 and flip=False is the identity on size x size."""
-    x = center_crop(resize_short_side(image, size), size)
+    x = resize_center_crop(image, size, size)
     seeds = tf.random.experimental.stateless_split(seed, num=2)
     if shift:
         x = tf.pad(x, [[shift, shift], [shift, shift], [0, 0]])
@@ -151,9 +177,9 @@ def eval_transform(views: str, *, image_size: int, resize: int, grid: int = 5) -
     if resize < image_size:
         raise ValueError(f"eval resize {resize} is smaller than the crop {image_size}")
     if views == "center":
-        return lambda im: center_crop(resize_short_side(im, resize, round_pixels=True), image_size)
+        return lambda im: resize_center_crop(im, resize, image_size, round_pixels=True)
     if views == "full":
-        return lambda im: center_crop(resize_short_side(im, resize, round_pixels=True), resize)
+        return lambda im: resize_center_crop(im, resize, resize, round_pixels=True)
     if views == "multicrop":
         return lambda im: multi_crops(resize_short_side(im, resize, round_pixels=True), size=image_size,
                                       grid=grid)
