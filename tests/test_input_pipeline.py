@@ -145,6 +145,14 @@ def test_eval_counts_every_example_exactly_once(digits_dir, process_count):
     assert sum(got.values()) == n and got == expected
 
 
+def test_tfds_slices_are_exact(digits_dir):
+    info = ip.dataset_info(DIGITS, data_dir=digits_dir)
+    assert info.num_examples("train[:10%]") == 144 and info.num_examples("test[:50]") == 50
+    batches = list(_digits(digits_dir, "test[:50]", train=False, batch_size=16, process_index=1,
+                           process_count=2))
+    assert len(batches) == 2 and sum(b["mask"].sum() for b in batches) == 25
+
+
 def test_multicrop_and_full_views(digits_dir):
     b = next(_digits(digits_dir, "test", train=False, batch_size=4, eval_views="multicrop",
                      eval_resize=40, multicrop_grid=3, normalization="symmetric"))
