@@ -49,6 +49,22 @@ def test_custom_vjp_matches_plain_grad(shape, dtype):
         assert _rel(got, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 1, 1, 8, 8, 3), (4, 2, 2, 16, 16, 3), (2, 4, 4, 8, 16, 3),
+                                   (2, 3, 3, 4, 4, 1), (1, 3, 5, 4, 4, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_im2col_matches_plain(shape, dtype):
+    """The tiny-map path: same outputs (up to summation order) and same gradients as plain jax.grad."""
+    n, h, w, c, d, k = shape
+    x, kernel, g = _data(n, h, w, c, d, k, dtype, seed=2)
+    y_ref, vjp_ref = jax.vjp(_plain, x, kernel)
+    y, vjp = jax.vjp(conv.conv_same_im2col, x, kernel)
+    assert y.dtype == y_ref.dtype and _rel(y, y_ref) < TOL[dtype]
+    for got, want in zip(jax.jit(vjp)(g), jax.jit(vjp_ref)(g), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert _rel(got, want) < TOL[dtype]
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3, 4, 3), (1, 9, 5, 2, 3, 3), (2, 6, 6, 4, 4, 5),
                                    (1, 4, 4, 2, 2, 1)])
 def test_filter_grad_blocked_equals_definition(shape):
@@ -90,7 +106,8 @@ def test_other_convs_fall_back_to_lax():
         np.testing.assert_array_equal(got, want)
 
 
-TINY = (8, "M", 16, (16, 1), "M", 16)
+# At 64x64 the first convs take the blocked filter gradient, the 2x2 ones the im2col path.
+TINY = (8, "M", 16, (16, 1), "M", 16, "M", 16, "M", "M", 16, 16)
 
 
 @pytest.mark.parametrize("batch_norm", [False, True], ids=["plain", "bn"])
@@ -113,9 +130,14 @@ def test_vgg_train_grads_match_xla(batch_norm, dtype):
         variables["params"])
     (l2, (y2, u2)), g2 = jax.jit(jax.value_and_grad(lambda p: loss(plain, p), has_aux=True))(
         variables["params"])
-    np.testing.assert_array_equal(y1, y2)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, u1, u2)
+    assert _rel(y1, y2) < TOL[dtype]
+    jax.tree_util.tree_map(lambda a, b: _rel(a, b) < TOL[dtype] or pytest.fail("batch_stats"), u1, u2)
     flat1, flat2 = jax.tree_util.tree_leaves_with_path(g1), jax.tree_util.tree_leaves_with_path(g2)
     assert [p for p, _ in flat1] == [p for p, _ in flat2]
+    # Conv biases before BatchNorm have exactly zero true gradient (BN removes any shift): their
+    # float noise (1e-11) is compared against the largest gradient of the model instead.
+    floor = 1e-3 * max(float(np.abs(np.asarray(b, np.float32)).max()) for _, b in flat2)
     for (path, a), (_, b) in zip(flat1, flat2, strict=True):
-        assert _rel(a, b) < TOL[dtype] * 5, jax.tree_util.keystr(path)
+        err = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max()
+        scale = max(float(np.abs(np.asarray(b, np.float32)).max()), floor)
+        assert err / scale < TOL[dtype] * 5, jax.tree_util.keystr(path)
