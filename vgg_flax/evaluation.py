@@ -161,7 +161,7 @@ def metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float | int]:
                       np.int64)
     sums = _sum_over_processes(sums)
     count = int(sums[2])
-    return {"top1": sums[0] / max(count, 1), "top5": sums[1] / max(count, 1), "count": count}
+    return {"top1": float(sums[0] / max(count, 1)), "top5": float(sums[1] / max(count, 1)), "count": count}
 
 
 def _sum_over_processes(values: np.ndarray) -> np.ndarray:
