@@ -113,8 +113,14 @@ def _tfds_builder(name: str, data_dir: str | None, *, download: bool):
     if name in EMBEDDED:
         from vgg_flax.datasets import get_builder_class
 
-        builder = get_builder_class(name)(data_dir=data_dir)
-        builder.download_and_prepare()  # No download: a no-op once built.
+        cls = get_builder_class(name)
+        builder = cls(data_dir=data_dir)
+        try:
+            builder.download_and_prepare()  # No download: a no-op once built.
+        except Exception:  # Another process (a test, another host) may have built it meanwhile.
+            builder = cls(data_dir=data_dir)
+            if not builder.is_prepared():
+                raise
         return builder
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
