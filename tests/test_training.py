@@ -194,7 +194,7 @@ def test_class_count_mismatch_is_one_clear_error(tmp_path):
 
 def _fc_model(letter: str) -> dict:
     """Tiny stand-ins for the paper's A and D (same layer names), torchvision head."""
-    arch = {"A": (8, "M", 16, "M", 32, 32, "M"), "D": (8, 8, "M", 16, 16, "M", 32, 32, 32, "M")}[letter]
+    arch = {"A": "8,M,16,M,32,32,M", "D": "8,8,M,16,16,M,32,32,32,M"}[letter]
     return {"model.config": arch, "model.head": "torchvision", "model.fc_width": 16,
             "model.batch_norm": False}
 
@@ -260,3 +260,27 @@ def test_schedules(name):
         assert 0 < lr[3] < 1 and lr[4] == pytest.approx(0.0, abs=1e-6)
     else:
         assert lr[3] == pytest.approx(expected_late)
+
+
+def test_architecture_strings():
+    assert checkpoints.parse_architecture("vgg16") == "vgg16"
+    assert checkpoints.parse_architecture("8,LRN,M,16x1,m") == (8, "LRN", "M", (16, 1), "M")
+    with pytest.raises(ValueError, match="bad model.config entry 'Q'"):
+        checkpoints.parse_architecture("8,Q")
+
+
+def test_fine_tune_from_pretrained_file_new_head(tmp_path):
+    """A save_pretrained file (as `vgg-flax convert` writes) with 3 classes into a 5-class run."""
+    from vgg_flax import weights
+
+    src = _train(tmp_path / "src", num_train_steps=1)
+    model, _ = checkpoints.load_for_inference(str(tmp_path / "src"))
+    variables = {"params": jax.device_get(src.params), "batch_stats": jax.device_get(src.batch_stats)}
+    weights.save_pretrained(tmp_path / "w.safetensors", model, variables, preprocessing="symmetric")
+    with pytest.raises(warm_start.WeightsMismatchError, match="3 classes but the run has 5"):
+        _train(tmp_path / "a", num_classes=5, pretrained=str(tmp_path / "w.safetensors"))
+    state = _train(tmp_path / "b", num_classes=5, num_train_steps=1, learning_rate=0.0, reset_head=True,
+                   pretrained=str(tmp_path / "w.safetensors"))
+    np.testing.assert_array_equal(jax.device_get(state.params["conv2_1"]["kernel"]),
+                                  variables["params"]["conv2_1"]["kernel"])
+    assert state.params["head_out"]["kernel"].shape == (16, 5)

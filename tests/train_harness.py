@@ -36,7 +36,7 @@ def load_config_module(name: str):
 def tiny_config(**overrides):
     """configs/default.py with a tiny BatchNorm VGG and few steps; keys checked by the lock."""
     config = load_config_module("default").get_config()
-    config.model.config = (8, "M", 16, "M")
+    config.model.config = "8,M,16,M"
     config.model.small_head_width = 16
     config.model.dropout_rate = 0.1
     config.dataset = "fake"

@@ -196,9 +196,35 @@ def model_from_config(model_cfg: dict, *, num_classes: int, dtype: str = "float3
                   num_classes=num_classes, dropout_rate=model_cfg["dropout_rate"],
                   fc_width=model_cfg["fc_width"], small_head_width=model_cfg["small_head_width"],
                   weight_init=model_cfg["weight_init"], dtype=jnp.dtype(dtype))
-    arch = model_cfg["config"]
-    config = arch if isinstance(arch, str) else models.resolve_config(arch)
-    return models.VGG(config=config, **kwargs)
+    return models.VGG(config=parse_architecture(model_cfg["config"]), **kwargs)
+
+
+def parse_architecture(spec) -> str | tuple:
+    """A config name ("D", "vgg16", ...) or a comma list such as "64,M,128,M,256x1,M".
+
+    Entries: a width (3x3 conv), "M" (max-pool), "LRN", or "WIDTHxK" for a KxK conv. A string keeps
+    the config type-stable in a locked ConfigDict and easy to set from the command line.
+    """
+    from vgg_flax import models
+
+    if not isinstance(spec, str):
+        return models.resolve_config(spec)
+    spec = spec.strip()
+    if spec in models.CONFIGS or spec in models.CONFIG_ALIASES:
+        return spec
+    entries = []
+    for token in (t.strip() for t in spec.split(",") if t.strip()):
+        if token.upper() in ("M", "LRN"):
+            entries.append(token.upper())
+        elif "x" in token:
+            width, kernel = token.split("x")
+            entries.append((int(width), int(kernel)))
+        elif token.isdigit():
+            entries.append(int(token))
+        else:
+            raise ValueError(f"bad model.config entry {token!r} in {spec!r}: expected a width, 'M', "
+                             f"'LRN', 'WIDTHxK' or a name from {sorted(models.CONFIGS)}")
+    return models.resolve_config(entries)
 
 
 def load_for_inference(workdir: str, *, which: str = "latest"):

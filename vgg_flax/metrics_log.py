@@ -74,16 +74,17 @@ class MetricsLogger:
         self._show(row)
 
     def _tb_scalars(self, row: dict) -> None:
+        """Scalar events as raw Summary protos: needs TensorFlow only, not the tensorboard package
+        (tensorflow-cpu does not install it, and `tf.summary.scalar` refuses to work without it)."""
+        import tensorflow as tf  # lazily: TensorFlow is slow to import
+        from tensorflow.core.framework import summary_pb2
+
         if self._writer is None:
-            import tensorflow as tf  # lazily: TensorFlow is slow to import
-
             self._writer = tf.summary.create_file_writer(self.workdir)
-        import tensorflow as tf
-
-        with self._writer.as_default(step=row["step"]):
-            for k, v in row.items():
-                if k != "step":
-                    tf.summary.scalar(k, v)
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in row.items() if k != "step"]
+        with self._writer.as_default():
+            tf.summary.experimental.write_raw_pb(summary_pb2.Summary(value=values).SerializeToString(),
+                                                 step=row["step"])
         self._writer.flush()
 
     def _show(self, row: dict) -> None:

@@ -136,9 +136,12 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     init = (zeros, state.batch_stats, jnp.float32(0), jnp.float32(0))
-    micro = _micro_batches(batch, grad_accum_steps)
-    (grads, batch_stats, loss, acc), _ = jax.lax.scan(
-        micro_step, init, (micro, jnp.arange(grad_accum_steps)))
+    if grad_accum_steps == 1:  # no loop: XLA:CPU runs convolutions inside a while loop far slower
+        (grads, batch_stats, loss, acc), _ = micro_step(init, (batch, 0))
+    else:
+        micro = _micro_batches(batch, grad_accum_steps)
+        (grads, batch_stats, loss, acc), _ = jax.lax.scan(
+            micro_step, init, (micro, jnp.arange(grad_accum_steps)))
     inv = 1.0 / grad_accum_steps
     grads = jax.tree_util.tree_map(lambda g: g * inv, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -96,9 +96,10 @@ def initial_variables(config, model, rng: jax.Array) -> dict:
         _, net_a = ckpt_lib.load_for_inference(config.warm_start_from)
         return warm_start.paper_warm_start(variables, net_a)
     if config.pretrained:
-        from vgg_flax import convert  # the converter pulls in torch-free readers lazily
+        from vgg_flax import weights  # a `vgg-flax convert` output (safetensors + metadata)
 
-        _, source = convert.load_pretrained(config.pretrained)
+        _, source = weights.load_pretrained(config.pretrained)
+        source = jax.device_get(source)
         return warm_start.fine_tune_start(variables, source, reset_head=config.reset_head)
     return variables
 
@@ -170,11 +171,12 @@ def _local_batches(run, *, train: bool, start_step: int = 0):
     """This process's share of the data: per-process batch = global batch / process count."""
     c = run.config
     size = (c.global_batch_size if train else c.eval_batch_size) // jax.process_count()
+    options = {"scale_range": tuple(c.scale_range)} if train and any(c.scale_range) else {}
     return run.datasets.create_dataset(
         c.dataset, c.train_split if train else c.eval_split, batch_size=size, train=train,
         image_size=c.image_size, data_dir=c.data_dir or None, seed=c.seed, start_step=start_step,
         augment=c.augment, normalization=c.normalization, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(), **options)
 
 
 def evaluate(run) -> dict[str, float]:
