@@ -228,3 +228,48 @@ def test_multi_device_evaluation_equals_single_device(tiny, image_folder, tmp_pa
     np.testing.assert_array_equal(sharded["labels"], labels)  # 7 images: 2 batches of 4, one padded.
     for protocol in ("dense", "multicrop"):
         np.testing.assert_allclose(sharded[protocol], direct[protocol], atol=2e-5, err_msg=protocol)
+
+
+_TWO_PROCESS_SCRIPT = """
+import json, sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[4], num_processes=2, process_id=int(sys.argv[5]))
+import flax.serialization
+import vgg_flax
+from vgg_flax import evaluation
+assert jax.process_count() == 2
+model = vgg_flax.VGG(config=(8, "M", 16, "M", 16, "M"), fc_width=16, num_classes=10)
+with open(sys.argv[1], "rb") as f:
+    variables = flax.serialization.msgpack_restore(f.read())
+results = evaluation.evaluate(model, variables, sys.argv[2], "val", image_size=32, scales=[64],
+                              protocols=evaluation.PROTOCOLS, batch_size=2, normalization="symmetric")
+with open(sys.argv[3] + str(jax.process_index()), "w") as f:
+    json.dump(results, f)
+"""
+
+
+def test_two_process_evaluation_sums_every_example_once(tiny, image_folder, tmp_path):
+    """jax.distributed on localhost: shares of 4 and 3 images, metrics summed over both processes."""
+    import socket
+    import subprocess
+    import sys
+
+    import flax.serialization
+
+    model, variables = tiny
+    (tmp_path / "v.msgpack").write_bytes(
+        flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, variables)))
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_SCRIPT, str(tmp_path / "v.msgpack"),
+                               f"folder:{image_folder}", str(tmp_path / "out"), address, str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    single = evaluation.evaluate(model, variables, f"folder:{image_folder}", "val", image_size=S,
+                                 scales=[Q], protocols=evaluation.PROTOCOLS, batch_size=2,
+                                 normalization="symmetric")
+    for i in range(2):
+        assert json.loads((tmp_path / f"out{i}").read_text()) == single
+    assert single["dense"]["count"] == 7
