@@ -33,6 +33,7 @@ def _data(n, h, w, c, d, k, dtype, seed=0):
 # VGG's conv shapes scaled down: the first conv (C=3), square and widening convs, odd sizes after
 # pools (7, 14 -> 7), config C's 1x1, and maps at or above conv._MIN_PIXELS (the blocked path).
 SHAPES = [(2, 64, 64, 3, 8, 3), (2, 56, 56, 16, 16, 3), (1, 60, 60, 8, 16, 3), (3, 57, 57, 4, 8, 3),
+          (2, 28, 28, 16, 16, 3),
           (2, 14, 14, 16, 32, 3), (2, 7, 7, 32, 32, 3), (2, 28, 28, 16, 16, 1), (1, 1, 1, 8, 8, 3)]
 
 

@@ -1,8 +1,8 @@
 """VGG's 3x3 convolution with a CPU-friendly backward pass (a `jax.custom_vjp`), chosen per backend.
 
 Why: XLA's CPU backend computes a convolution's *filter* gradient as a convolution whose window is
-the whole feature map (224x224 for VGG's first block). That runs at 20-30 GFLOP/s on a 2-core AVX-512
-machine, 4-6x below its forward pass, and it was the largest term of a VGG16 training step there (see
+the whole feature map (224x224 for VGG's first block). That runs at 12-35 GFLOP/s on a 2-core AVX-512
+machine, 4-10x below its forward pass, and it was the largest term of a VGG16 training step there (see
 docs/PERFORMANCE.md). Written instead as a loop over blocks of R image rows, each block one im2col
 matmul float[9 C, N R W] x float[N R W, D] whose operands stay in cache, the same gradient runs several
 times faster. The forward pass and the input gradient stay XLA's own convolutions: those are already
@@ -26,9 +26,9 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 # Rows of the im2col block (N * R * W) to aim for: small enough for the block's patches to stay in
 # the 32 MiB L3, large enough for each matmul to run near peak.
 _TARGET_BLOCK_ROWS = 4096
-# Below this many output pixels per image XLA's own filter gradient is as fast (measured, 28x28 and
-# smaller maps), so the loop is not used there.
-_MIN_PIXELS = 56 * 56
+# Below this many output pixels per image XLA's own filter gradient is as fast or faster (measured:
+# 14x14x512 49 ms vs 61 ms blocked; 28x28x512 494 ms vs 276 ms), so the loop is not used there.
+_MIN_PIXELS = 28 * 28
 # At most this many pixels per map the whole conv is one im2col matmul (`conv_same_im2col`).
 _MAX_IM2COL_PIXELS = 4 * 4
 
