@@ -175,7 +175,7 @@ def test_cli_eval_reads_a_training_workdir(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    config.model.config = (8, "M", 8, "M")
+    config.model.config = "8,M,8,M"
     config.model.small_head_width = 0
     config.data_dir = str(tmp_path / "tfds")
     config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
