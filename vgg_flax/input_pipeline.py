@@ -227,8 +227,7 @@ class _Source:
             start = part.start + sum(shares[:process_index])
             sel = slice(start, start + shares[process_index])
             raw = tf.data.Dataset.from_tensor_slices(
-                {"raw": np.asarray(index.files[sel], dtype=object).astype(str) if shares[process_index]
-                 else np.zeros([0], str), "label": index.labels[sel]})
+                {"raw": np.array(index.files[sel], dtype=str), "label": index.labels[sel]})
             return cls(raw, _decode_file, shares, process_index, image_shape=None)
         import tensorflow_datasets as tfds
 
