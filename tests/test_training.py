@@ -108,6 +108,10 @@ def test_kill9_then_resume_is_bit_exact(reference, tmp_path):
     for k in reference:
         np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
     rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+    train_keys = {"step", "train_loss", "train_accuracy", "learning_rate", "images_per_sec"}
+    eval_keys = {"step", "eval_loss", "eval_top1", "eval_top5"}
+    assert all(set(r) in (train_keys, eval_keys) for r in rows)
+    assert [r["step"] for r in rows if "eval_top1" in r] == [3, 6]
     train_steps = [r["step"] for r in rows if "train_loss" in r]
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 6  # no duplicated rows
 
@@ -284,3 +288,15 @@ def test_fine_tune_from_pretrained_file_new_head(tmp_path):
     np.testing.assert_array_equal(jax.device_get(state.params["conv2_1"]["kernel"]),
                                   variables["params"]["conv2_1"]["kernel"])
     assert state.params["head_out"]["kernel"].shape == (16, 5)
+
+
+def test_remat_is_the_same_computation_and_bf16_trains(tmp_path):
+    kw = {"num_train_steps": 2, "checkpoint_every_steps": 100, "eval_every_steps": 100}
+    plain = flat_params(_train(tmp_path / "a", **kw))
+    remat = flat_params(_train(tmp_path / "b", remat=True, **kw))
+    _assert_close(plain, remat)
+    bf16 = _train(tmp_path / "c", dtype="bfloat16", **kw)
+    assert jax.tree_util.tree_leaves(bf16.params)[0].dtype == jnp.float32  # float32 parameters
+    rows = [json.loads(line) for line in open(tmp_path / "c" / "metrics.jsonl")]
+    assert all(np.isfinite(r.get("train_loss", 0.0)) for r in rows)
+    assert any(not np.array_equal(bf16_v, plain[k]) for k, bf16_v in flat_params(bf16).items())

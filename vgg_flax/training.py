@@ -71,7 +71,8 @@ def check_config(config) -> None:
         raise ValueError(f"dtype must be float32, bfloat16 or float16, not {config.dtype!r}")
     if config.warm_start_from and config.pretrained:
         raise ValueError("set at most one of warm_start_from and pretrained")
-    for key in ("num_train_steps", "global_batch_size", "eval_batch_size", "log_every_steps"):
+    for key in ("num_train_steps", "global_batch_size", "eval_batch_size", "log_every_steps",
+                "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "grad_accum_steps"):
         if config[key] <= 0:
             raise ValueError(f"config.{key} must be positive, got {config[key]}")
 
@@ -221,9 +222,10 @@ def _flush(run, pending: list, start_time: float, logger) -> float:
             raise NonFiniteLossError(f"training loss is {row['train_loss']} at step {step}; the last "
                                      f"checkpoint ({run.ckpt.latest_step()}) is intact")
     now = time.time()
-    last = dict(rows[-1])
-    last["images_per_sec"] = len(pending) * run.config.global_batch_size / max(now - start_time, 1e-9)
-    logger.write({"step": pending[-1][0], **last})
+    row = {"step": pending[-1][0], "learning_rate": rows[-1]["learning_rate"],
+           **{k: float(np.mean([r[k] for r in rows])) for k in ("train_loss", "train_accuracy")},
+           "images_per_sec": len(pending) * run.config.global_batch_size / max(now - start_time, 1e-9)}
+    logger.write(row)  # loss and accuracy: means over the steps since the last row
     pending.clear()
     return now
 
