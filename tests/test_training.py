@@ -104,6 +104,8 @@ def test_kill9_then_resume_is_bit_exact(reference, tmp_path):
     proc.kill()
     proc.wait()
     assert not os.path.exists(tmp_path / "out.npz")
+    with open(work / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "train_lo')  # as if killed in the middle of writing a row
     resumed = _run(work, tmp_path / "out.npz")
     for k in reference:
         np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)

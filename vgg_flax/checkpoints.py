@@ -143,6 +143,10 @@ class Checkpoints:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             if os.path.exists(src):
                 shutil.move(src, dst)
+        if jax.process_count() > 1:  # the others must not reopen the directory before the move
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"vgg_flax_quarantine_{step}")
         self._manager.close()
         self._manager = self._open()
 

@@ -20,11 +20,17 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def truncate_after(path: str, step: int) -> None:
-    """Keeps only rows with row["step"] <= step (process 0)."""
+    """Keeps only rows with row["step"] <= step, dropping a half-written last line (process 0)."""
     if jax.process_index() != 0 or not os.path.exists(path):
         return
+    rows = []
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    rows.append(line)
+            except json.JSONDecodeError:  # a line cut short by a kill -9
+                continue
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(rows)
