@@ -91,11 +91,13 @@ def test_paper_augmentation_is_random_and_none_is_identity(digits_dir):
     assert plain["image"].shape == (8, 32, 32, 3)
 
 
-@pytest.mark.parametrize("cache", [None, False])  # Decoded in memory (the default here) or re-read.
-def test_training_order_is_a_function_of_seed_and_step(digits_dir, cache):
+# Decoded in memory (the default here), re-read with one shuffle buffer, or re-read in shuffled blocks
+# of 128 records (the path of splits larger than the buffer, such as ImageNet's).
+@pytest.mark.parametrize("cache,buffer", [(None, None), (False, None), (False, 128)])
+def test_training_order_is_a_function_of_seed_and_step(digits_dir, cache, buffer):
     n, batch = 1438, 100  # 14.38 batches per epoch: batches straddle epoch boundaries.
     run = _digits(digits_dir, "train", batch_size=batch, seed=7, augment="paper", scale_range=(32, 40),
-                  cache=cache)
+                  cache=cache, shuffle_buffer=buffer)
     batches = [next(run) for _ in range(20)]
     labels = np.concatenate([b["label"] for b in batches])
     all_labels = np.sort(_labels(digits_dir, "train"))
@@ -103,7 +105,7 @@ def test_training_order_is_a_function_of_seed_and_step(digits_dir, cache):
     assert not np.array_equal(labels[:200], labels[n:n + 200])  # Reshuffled every epoch.
     for step in (0, 5, 14, 17):
         resumed = next(_digits(digits_dir, "train", batch_size=batch, seed=7, augment="paper",
-                               scale_range=(32, 40), start_step=step, cache=cache))
+                               scale_range=(32, 40), start_step=step, cache=cache, shuffle_buffer=buffer))
         np.testing.assert_array_equal(resumed["label"], batches[step]["label"])
         np.testing.assert_array_equal(resumed["image"], batches[step]["image"])
     other = next(_digits(digits_dir, "train", batch_size=batch, seed=8))
@@ -121,6 +123,38 @@ def test_training_shards_are_disjoint_per_process(digits_dir):
     assert len(set(pixels)) > 1400  # A few digits are pixel-identical; shares do not repeat.
     whole = next(_digits(digits_dir, "train", batch_size=1438, normalization="symmetric"))
     assert sorted(pixels) == sorted(image.tobytes() for image in whole["image"])
+
+
+def test_cut_blocks_keeps_every_record_once_in_order():
+    from vgg_flax.datasets import blocks
+
+    b = blocks.cut_blocks([("a", 0, 5), ("b", 2, 7)], 4)
+    pieces = list(zip(b.files.tolist(), b.skips.tolist(), b.takes.tolist(), strict=True))
+    assert pieces == [("a", 0, 4), ("a", 4, 1), ("b", 2, 3), ("b", 5, 4)]
+    assert b.sizes.tolist() == [4, 4, 4] and b.first_piece.tolist() == [0, 1, 3]
+    assert b.num_pieces.tolist() == [1, 2, 1]
+
+
+def test_block_stream_visits_whole_blocks_and_resumes_anywhere(digits_dir):
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from vgg_flax.datasets import blocks
+
+    info = tfds.builder(DIGITS, data_dir=digits_dir).info
+    fi = info.splits["train"].file_instructions
+    cut = blocks.cut_blocks([(f.filename, f.skip, f.take) for f in fi], 128)
+    records = [r.numpy() for r in tf.data.TFRecordDataset([f.filename for f in fi])]
+    index = {r: i for i, r in enumerate(records)}
+    stream = [index[r.numpy()] for r in blocks.record_stream(cut, key=3, block=128, first=0).take(2 * 1438)]
+    epochs = [stream[:1438], stream[1438:]]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(1438)) and epochs[0] != epochs[1]
+    block_ids = [i // 128 for i in epochs[0]]  # Blocks are read whole (shuffled within): 12 runs.
+    changes = sum(a != b for a, b in zip(block_ids[:-1], block_ids[1:], strict=True))
+    assert changes == len(cut.sizes) - 1 == 11 and epochs[0][:128] != sorted(epochs[0][:128])
+    for first in (1, 127, 128, 700, 1437, 1438, 2000):
+        resumed = blocks.record_stream(cut, key=3, block=128, first=first).take(50)
+        assert [index[r.numpy()] for r in resumed] == stream[first:first + 50], first
 
 
 def _labels(digits_dir, split):

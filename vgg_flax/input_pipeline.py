@@ -11,13 +11,14 @@ download) or "folder:/path/to/root" (`vgg_flax.datasets.folder`).
 Training streams are infinite, shuffled and augmented, and their order is a pure function of
 (seed, process, step): epoch e is the split shuffled with a seed derived from (seed, process, e), and
 every example's augmentation draws stateless random numbers keyed by its position in the stream, so a
-run restarted with `start_step=s` sees exactly the batches s, s+1, ... of the original run (skipping
-into the current epoch costs reading, not decoding, up to one epoch of records). The shuffle is uniform
-over the split when `shuffle_buffer` >= its size (the default for cached, decoded splits) and a
-windowed shuffle of 16,384 undecoded records otherwise (ImageNet: ~1.8 GB of JPEG bytes; TFDS writes
-records in a hashed, class-mixed order, so a window suffices). Evaluation streams are one pass in a
-fixed order; the last batch is padded with `mask` False, and every process yields the same number of
-batches (multi-host SPMD needs that) while each real example appears exactly once.
+run restarted with `start_step=s` sees exactly the batches s, s+1, ... of the original run. The
+shuffle is uniform over the split when one buffer holds it (the default for cached, decoded splits
+and splits up to `shuffle_buffer` = 16,384 records); larger TFRecord splits (ImageNet) are read in
+blocks of 16,384 records (~1.8 GB of JPEG bytes), the blocks in an order drawn per epoch and each
+shuffled whole (`vgg_flax.datasets.blocks`), so a resume reads at most one block before its first
+batch. Image folders shuffle their file paths, uniformly. Evaluation streams are one pass in a fixed
+order; the last batch is padded with `mask` False, and every process yields the same number of batches
+(multi-host SPMD needs that) while each real example appears exactly once.
 
 TensorFlow is imported only inside the functions here and is hidden from GPUs/TPUs, so it never takes
 accelerator memory from JAX.
@@ -209,6 +210,10 @@ class _Source:
     shares: list[int]
     index: int
     image_shape: tuple[int, int, int] | None  # every image's (H, W, 3), or None when sizes vary
+    # TFRecord splits: ([(file, skip, take)], parse: serialized record -> {"raw", "label"}), which
+    # lets training shuffle in blocks (vgg_flax.datasets.blocks) and resume without replaying.
+    records: tuple[list[tuple[str, int, int]], Callable] | None = None
+    paths: bool = False  # raw examples are file paths: cheap to hold in a shuffle buffer
 
     @property
     def fixed_size(self) -> bool:
@@ -228,7 +233,7 @@ class _Source:
             sel = slice(start, start + shares[process_index])
             raw = tf.data.Dataset.from_tensor_slices(
                 {"raw": np.array(index.files[sel], dtype=str), "label": index.labels[sel]})
-            return cls(raw, _decode_file, shares, process_index, image_shape=None)
+            return cls(raw, _decode_file, shares, process_index, image_shape=None, paths=True)
         import tensorflow_datasets as tfds
 
         builder = _tfds_builder(name, data_dir, download=download)
@@ -239,7 +244,25 @@ class _Source:
                                  read_config=tfds.ReadConfig(try_autocache=False))  # cache= decides
         raw = raw.map(lambda ex: {"raw": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
         shape = tuple(builder.info.features["image"].shape)
-        return cls(raw, _decode_bytes, shares, process_index, image_shape=None if None in shape else shape)
+        return cls(raw, _decode_bytes, shares, process_index, image_shape=None if None in shape else shape,
+                   records=_tfrecord_reading(builder, parts[process_index]))
+
+
+def _tfrecord_reading(builder, split):
+    """(file instructions, record parser) of a TFRecord split, or None for other file formats."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+        return None
+    instructions = [(fi.filename, fi.skip, fi.take if fi.take >= 0 else fi.examples_in_shard - fi.skip)
+                    for fi in builder.info.splits[split].file_instructions]
+
+    def parse(record):
+        ex = builder.info.features.deserialize_example(record, decoders={"image": tfds.decode.SkipDecoding()})
+        return {"raw": ex["image"], "label": tf.cast(ex["label"], tf.int32)}
+
+    return instructions, parse
 
 
 def _decode_bytes(raw):
@@ -304,14 +327,21 @@ def _train_stream(source, *, batch_size, image_size, seed, start_step, augment, 
     if n < batch_size:
         raise ValueError(f"this process has {n} training examples, fewer than batch_size {batch_size}")
     examples, decoded = _decoded(source, opts["cache"])
-    buffer = max(1, min(n, opts["shuffle_buffer"] or (n if decoded else 16_384)))
+    buffer = max(1, min(n, opts["shuffle_buffer"] or (n if decoded or source.paths else 16_384)))
     base = (seed * 1_000_003 + source.index * 7_919) % (2**62)
 
     def epoch(e):
         return examples.shuffle(buffer, seed=base + e * 104_729, reshuffle_each_iteration=False)
 
     first = start_step * batch_size
-    stream = tf.data.Dataset.range(first // n, 2**62).flat_map(epoch).skip(first % n)
+    if source.records is not None and not decoded and n > buffer:  # Large TFRecord split: blocks.
+        from vgg_flax.datasets import blocks
+
+        instructions, parse = source.records
+        stream = blocks.record_stream(blocks.cut_blocks(instructions, buffer), key=base, block=buffer,
+                                      first=first).map(parse)
+    else:  # One shuffle buffer holds the whole split (or its cache): uniform epochs.
+        stream = tf.data.Dataset.range(first // n, 2**62).flat_map(epoch).skip(first % n)
     stream = tf.data.Dataset.zip(tf.data.Dataset.range(first, 2**62), stream)
     augment_fn = transforms.train_transform(augment, image_size=image_size, options=opts)
     key = tf.constant([seed % (2**31), source.index], tf.int64)
