@@ -7,7 +7,7 @@ SGD, batch 256, momentum 0.9, weight decay 5e-4 (L2 on the weights), dropout 0.5
 rate 1e-2 divided by 10 when the validation top-1 stops improving (the paper did it 3 times and
 stopped after 370K iterations = 74 epochs), scale jitter S in [256, 512] with 224 crops, flips and
 colour shift (`augment="paper"`), net A's layers for warm start (set `warm_start_from` to a trained
-configs/vgg11.py workdir) or Glorot-like init. Needs a prepared TFDS "imagenet2012".
+configs/vgg11.py workdir) or He init. Needs a prepared TFDS "imagenet2012".
 """
 
 from configs import default
@@ -26,7 +26,9 @@ def get_config(letter: str = "D"):
     c.model.batch_norm = False
     c.model.head = "torchvision"
     c.model.dropout_rate = 0.5
-    c.model.weight_init = "paper"  # N(0, 0.01), the paper's init of net A
+    # Net A from N(0, 0.01) as in the paper; deeper nets from He (kaiming) init, which trains them
+    # from scratch (the paper used A's layers or Glorot init): or set warm_start_from to an A run.
+    c.model.weight_init = "paper" if letter in ("A", "A-LRN") else "torchvision"
     c.dtype = "bfloat16"           # compute dtype on accelerators; parameters stay float32
     c.global_batch_size = 256
     c.eval_batch_size = 256

@@ -159,14 +159,19 @@ def _corrupt_step(workdir, step):
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
-    expected = flat_params(_train(tmp_path / "a"))
-    _train(tmp_path / "b")
+    # The plateau schedule: its state (after the eval at step 3) must come back from step 4's checkpoint.
+    kw = {"schedule": "plateau", "plateau_patience": 1, "plateau_min_delta": 2.0}
+    expected = flat_params(_train(tmp_path / "a", **kw))
+    _train(tmp_path / "b", **kw)
     _corrupt_step(tmp_path / "b", 6)
-    final = flat_params(_train(tmp_path / "b"))  # restores 4, retrains 5 and 6
+    final = flat_params(_train(tmp_path / "b", **kw))  # restores 4, retrains 5 and 6
     assert "step 6" in caplog.text and "unreadable" in caplog.text
     assert os.listdir(tmp_path / "b" / "checkpoints_corrupt")
     for k in expected:
         np.testing.assert_array_equal(final[k], expected[k], err_msg=k)
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["learning_rate"] for r in rows if r["step"] in (3, 4) and "learning_rate" in r] == \
+        pytest.approx([0.05, 0.005])  # min_delta 2: every eval "stalls", so the eval at 3 divided by 10
     model, variables = checkpoints.load_for_inference(str(tmp_path / "b"))
     np.testing.assert_array_equal(variables["params"]["head_out"]["kernel"],
                                   expected["params['head_out']['kernel']"])
@@ -251,6 +256,8 @@ def test_plateau_divides_by_ten_after_patience_and_at_most_max_times():
     history = [p.update(a) for a in [0.5, 0.6, 0.6, 0.59, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]]
     assert history == [False, False, False, True, False, False, True, False, False, False, False]
     assert p.scale == pytest.approx(0.01) and p.reductions == 2
+    p.update(np.float32(0.5))  # numpy scalars (what evaluation returns) keep the state JSON-able
+    json.dumps(p.state_dict())
     q = optim.Plateau()
     q.load_state_dict(p.state_dict())
     assert q.state_dict() == p.state_dict()

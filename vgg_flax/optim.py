@@ -117,6 +117,7 @@ class Plateau:
 
     def update(self, metric: float) -> bool:
         """Feeds one evaluation accuracy; returns True when the rate was just reduced."""
+        metric = float(metric)  # a plain float: the state is saved as JSON
         if metric > self.best + self.min_delta:
             self.best, self.bad_evals = metric, 0
             return False
@@ -129,8 +130,8 @@ class Plateau:
         return True
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "best": self.best, "bad_evals": self.bad_evals,
-                "reductions": self.reductions}
+        return {"scale": float(self.scale), "best": float(self.best), "bad_evals": int(self.bad_evals),
+                "reductions": int(self.reductions)}
 
     def load_state_dict(self, state: dict) -> None:
         self.scale, self.best = float(state["scale"]), float(state["best"])

@@ -20,9 +20,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# configs/ lives beside the package in the repository (an editable install).
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "configs", "default.py")
+# configs/ lives beside the package in the repository (an editable install); config files import
+# each other as the `configs` package, so the repository root must be importable (it is for
+# `python train.py`, not for the `vgg-flax` entry point).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "default.py")
+if os.path.isdir(os.path.join(REPO_ROOT, "configs")) and REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard events.")

@@ -201,7 +201,7 @@ def evaluate(run) -> dict[str, float]:
         totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
     t = jax.device_get(totals)
     count = max(float(t["count"]), 1.0)
-    return {"eval_loss": t["loss"] / count, "eval_top1": t["top1"] / count, "eval_top5": t["top5"] / count}
+    return {f"eval_{k}": float(t[k]) / count for k in ("loss", "top1", "top5")}
 
 
 def _meta(run) -> dict:
