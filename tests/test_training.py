@@ -309,3 +309,21 @@ def test_remat_is_the_same_computation_and_bf16_trains(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "c" / "metrics.jsonl")]
     assert all(np.isfinite(r.get("train_loss", 0.0)) for r in rows)
     assert any(not np.array_equal(bf16_v, plain[k]) for k, bf16_v in flat_params(bf16).items())
+
+
+CONFIG_NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(train_harness.ROOT, "configs"))
+                      if f.endswith(".py") and not f.startswith("_"))
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_config_is_locked_valid_and_builds(name):
+    sys.path.insert(0, train_harness.ROOT)
+    config = train_harness.load_config_module(name).get_config()
+    assert config.is_locked
+    training.check_config(config)
+    model = checkpoints.model_from_config(config.model.to_dict(), num_classes=7, dtype=config.dtype)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    assert shapes["params"][{"small": "head_out"}.get(model.head, "fc3")]["bias"].shape == (7,)
+    if name.startswith("vgg") or name == "imagenet_vgg16":
+        assert (config.optimizer, config.momentum, config.weight_decay) == ("sgd", 0.9, 5e-4)
+        assert (config.learning_rate, config.schedule, config.global_batch_size) == (1e-2, "plateau", 256)
