@@ -78,13 +78,13 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def matmul_gflops(*, size: int = 4096, repeats: int = 3) -> float:
-    """The machine's practical fp32 ceiling: GFLOP/s of one large jitted matmul (median of repeats)."""
+def matmul_gflops(*, size: int = 4096, repeats: int = 3, dtype: str = "float32") -> float:
+    """The device's practical ceiling: GFLOP/s of one large jitted matmul (median of repeats)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dtype)
     mm = jax.jit(jnp.matmul)
     mm(a, b).block_until_ready()
     seconds = median([time_call(lambda: mm(a, b).block_until_ready()) for _ in range(repeats)])

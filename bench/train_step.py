@@ -1,13 +1,15 @@
-"""Images/s of one VGG training step (forward, backward, SGD-momentum update), ours vs PyTorch eager.
+"""Images/s of one VGG training step (forward, backward, SGD-momentum update), ours vs PyTorch.
 
 Both frameworks train the same architecture on the same random batch with the same optimizer (SGD,
-momentum 0.9, no weight decay), precision (fp32) and thread count; after warm-up their steps are
-timed interleaved (A B A B ...), and the medians and ratios are printed last, with inference images/s,
-XLA compile time, memory, and every figure as a fraction of the machine's fp32 matmul ceiling
-measured in the same run.
+momentum 0.9, no weight decay), precision and thread count; after warm-up their steps are timed
+interleaved (A B A B ...), and the medians and ratios are printed last, with inference images/s,
+XLA compile time, memory, and every figure as a fraction of the machine's matmul ceiling measured
+in the same run (and of a nominal peak given with --peak-tflops: model FLOPs utilisation).
 
   python bench/train_step.py --models vgg16 --batch 8 --image-size 224
   python bench/train_step.py --models vgg11,vgg16_bn --batch 32 --image-size 32 --head small --classes 10
+  python bench/train_step.py --dtype bfloat16 --batch 256 --channels-last --torch eager,compile \
+      --peak-tflops 989    # a GPU (bench/gpu.sh)
 
 Our step is the library's `vgg_flax.steps.train_step` (jitted once with the state donated); torch's is
 `torchvision.models.<name>` with `torch.optim.SGD`.
@@ -41,6 +43,12 @@ def parse_args(argv):
                    help="vgg_flax conv implementation (auto: the per-backend default)")
     p.add_argument("--step", default="library", choices=["library", "plain"],
                    help="library: vgg_flax.steps.train_step; plain: model.apply + optax.sgd in this file")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype (params stay fp32; torch uses autocast)")
+    p.add_argument("--torch", default="eager", help="torch variants: eager, compile (torch.compile)")
+    p.add_argument("--channels-last", action="store_true", help="torch activations in NHWC")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="nominal dense peak of the device for MFU (e.g. 989 for H100 SXM bf16)")
     p.add_argument("--no-torch", action="store_true", help="time ours only")
     p.add_argument("--no-inference", action="store_true")
     p.add_argument("--cache-dir", default=None,
@@ -57,7 +65,8 @@ def jax_runner(name, args):
     import vgg_flax
     from vgg_flax import optim, steps
 
-    model = vgg_flax.get_model(name, num_classes=args.classes, head=args.head, conv_impl=args.conv)
+    model = vgg_flax.get_model(name, num_classes=args.classes, head=args.head, conv_impl=args.conv,
+                               dtype=jnp.dtype(args.dtype))
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((args.batch, args.image_size, args.image_size, 3),
                                              np.float32))
@@ -91,7 +100,10 @@ def jax_runner(name, args):
     infer_jit = jax.jit(lambda v, x: model.apply(v, x, train=False))
     infer_compiled = infer_jit.lower(variables, images).compile()
     infer = lambda: infer_compiled(variables, images).block_until_ready()
-    info = {"trace_s": t1 - t0, "compile_s": t2 - t1, "xla_gib": footprint}
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    info = {"trace_s": t1 - t0, "compile_s": t2 - t1, "xla_gib": footprint,
+            "device_peak": f"{peak / 2**30:.2f} GiB" if peak else "n/a (CPU)"}
     return train, infer, info
 
 
@@ -135,32 +147,52 @@ def torch_model(name, args):
     return model
 
 
-def torch_runner(name, args):
+def torch_runner(name, args, variant):
+    """(train_fn, infer_fn) for torchvision's model; variant "eager" or "compile" (torch.compile).
+
+    bf16 is autocast (fp32 weights, bf16 matmuls/convs), the counterpart of our dtype=bfloat16 with
+    fp32 params; --channels-last stores activations NHWC as ours are.
+    """
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = torch_model(name, args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = torch_model(name, args).to(device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.standard_normal((args.batch, 3, args.image_size, args.image_size),
-                                                  np.float32))
-    labels = torch.from_numpy(rng.integers(0, args.classes, args.batch).astype(np.int64))
+                                                  np.float32)).to(device).to(memory_format=fmt)
+    labels = torch.from_numpy(rng.integers(0, args.classes, args.batch).astype(np.int64)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model) if variant == "compile" else model
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16,
+                                      enabled=args.dtype == "bfloat16")
 
     def train():
         model.train()
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(forward(images), labels)
         loss.backward()
         opt.step()
-        loss.item()
+        loss.item()  # synchronises (GPU) and matches our block_until_ready
 
     def infer():
         model.eval()
-        with torch.inference_mode():
-            model(images).sum().item()
+        with torch.inference_mode(), autocast():
+            forward(images).float().sum().item()
 
     return train, infer
+
+
+def torch_peak_gib():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return float("nan")
 
 
 def bench_model(name, args, peak_gflops):
@@ -169,32 +201,32 @@ def bench_model(name, args, peak_gflops):
     rss0 = common.peak_rss_gib()
     jtrain, jinfer, info = jax_runner(name, args)
     rss_jax = common.peak_rss_gib()
-    fns = {"ours": jtrain}
-    if not args.no_torch:
-        ttrain, tinfer = torch_runner(name, args)
-        fns["torch"] = ttrain
-    train_t = common.interleaved(fns, warmup=args.warmup, repeats=args.repeats)
+    variants = [] if args.no_torch else [v for v in args.torch.split(",") if v]
+    tfns = {f"torch {v}": torch_runner(name, args, v) for v in variants}
+    train_t = common.interleaved({"ours": jtrain} | {k: f[0] for k, f in tfns.items()},
+                                 warmup=args.warmup, repeats=args.repeats)
     rss_all = common.peak_rss_gib()
     infer_t = {}
     if not args.no_inference:
-        ifns = {"ours": jinfer} | ({} if args.no_torch else {"torch": tinfer})
-        infer_t = common.interleaved(ifns, warmup=args.warmup, repeats=args.repeats)
-    print(f"{name}: compile {info['compile_s']:.1f} s (trace+lower {info['trace_s']:.1f} s), XLA step "
-          f"footprint {info['xla_gib']:.2f} GiB, peak RSS {rss0:.2f} -> {rss_jax:.2f} GiB after ours, "
-          f"{rss_all:.2f} GiB after torch's training", flush=True)
+        infer_t = common.interleaved({"ours": jinfer} | {k: f[1] for k, f in tfns.items()},
+                                     warmup=args.warmup, repeats=args.repeats)
+    print(f"{name}: XLA compile {info['compile_s']:.1f} s (trace+lower {info['trace_s']:.1f} s), "
+          f"XLA train step footprint {info['xla_gib']:.2f} GiB, device peak {info['device_peak']}, "
+          f"host peak RSS {rss0:.2f} -> {rss_jax:.2f} GiB after ours, {rss_all:.2f} GiB after torch "
+          f"(torch device peak {torch_peak_gib() if tfns else float('nan'):.2f} GiB)", flush=True)
     for label, times in [("train", train_t), ("infer", infer_t)]:
         for fw, ts in times.items():
-            print(f"  {label} {fw:5s} step seconds: {' '.join(f'{t:.3f}' for t in ts)}", flush=True)
+            print(f"  {label} {fw:13s} step seconds: {' '.join(f'{t:.3f}' for t in ts)}", flush=True)
     rows = []
     for label, times, flop in [("train", train_t, 6 * macs), ("infer", infer_t, 2 * macs)]:
         if not times:
             continue
         ips = {fw: args.batch / common.median(ts) for fw, ts in times.items()}
-        frac = {fw: v * flop / 1e9 / peak_gflops for fw, v in ips.items()}
-        t = ips.get("torch")
-        rows.append([name, label, f"{ips['ours']:.2f}", f"{t:.2f}" if t else "-",
-                     f"{ips['ours'] / t:.2f}" if t else "-", f"{100 * frac['ours']:.0f}%",
-                     f"{100 * frac['torch']:.0f}%" if t else "-"])
+        pct = {fw: f"{100 * v * flop / 1e9 / peak_gflops:.0f}%" for fw, v in ips.items()}
+        for other in [k for k in ips if k != "ours"] or [None]:
+            rows.append([name, label, f"{ips['ours']:.2f}", pct["ours"], other or "-",
+                         f"{ips[other]:.2f}" if other else "-", pct[other] if other else "-",
+                         f"{ips['ours'] / ips[other]:.2f}" if other else "-"])
     return rows
 
 
@@ -216,15 +248,21 @@ def main(argv=None):
         perf.enable_compilation_cache(args.cache_dir)
     print(common.header([sys.argv[0], *argv]), flush=True)
     print(f"batch {args.batch}, image {args.image_size}, head {args.head}, classes {args.classes}, "
-          f"fp32, warmup {args.warmup}, repeats {args.repeats}, conv {args.conv}, step {args.step}, "
-          f"devices {jax.devices()}", flush=True)
-    peak = common.matmul_gflops()
-    print(f"fp32 ceiling: 4096^3 matmul {peak:.1f} GFLOP/s", flush=True)
-    rows = [["model", "step", "ours img/s", "torch img/s", "ours/torch", "ours % peak", "torch % peak"]]
+          f"{args.dtype}, warmup {args.warmup}, repeats {args.repeats}, conv {args.conv}, step {args.step}, "
+          f"torch {args.torch}{' channels_last' if args.channels_last else ''}, devices {jax.devices()}",
+          flush=True)
+    size = 4096 if jax.default_backend() == "cpu" else 8192
+    measured = common.matmul_gflops(size=size, dtype=args.dtype)
+    print(f"{args.dtype} ceiling: {size}^3 matmul {measured:.1f} GFLOP/s", flush=True)
+    peak = args.peak_tflops * 1e3 if args.peak_tflops else measured
+    what = f"nominal {args.peak_tflops} TFLOP/s (MFU)" if args.peak_tflops else "the measured matmul"
+    rows = [["model", "step", "ours img/s", "ours % peak", "vs", "their img/s", "their % peak",
+             "ours/theirs"]]
     for name in args.models.split(","):
         rows += bench_model(name.strip(), args, peak)
-    peak_after = common.matmul_gflops()
-    print(f"fp32 ceiling after: {peak_after:.1f} GFLOP/s; load average {os.getloadavg()[0]:.2f}")
+    after = common.matmul_gflops(size=size, dtype=args.dtype)
+    print(f"{args.dtype} ceiling after: {after:.1f} GFLOP/s; load average {os.getloadavg()[0]:.2f}; "
+          f"% peak is of {what}")
     print(common.fmt_table(rows))
     return 0
 
