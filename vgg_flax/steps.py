@@ -98,6 +98,42 @@ def _micro_batches(batch, accum: int):
         lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
 
 
+def _loss_fn(params, batch_stats, micro, key, *, model, remat: bool):
+    """Mean masked cross-entropy of one (micro-)batch; aux: (new batch_stats, accuracy)."""
+    def forward(params, image):
+        return model.apply(_variables(params, batch_stats), image, train=True,
+                           mutable=["batch_stats"], rngs={"dropout": key})
+    if remat:
+        forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.dots_saveable)
+    logits, updates = forward(params, micro["image"])
+    loss_sum, correct, _, count = _cross_entropy(logits, micro["label"], micro["mask"])
+    count = jnp.maximum(count, 1.0)
+    return loss_sum / count, (updates.get("batch_stats", batch_stats), correct / count)
+
+
+def _mean_gradients(state: TrainState, batch: dict, rng, *, model, remat: bool, grad_accum_steps: int):
+    """(mean grads, batch_stats, mean loss, mean accuracy) over `grad_accum_steps` micro-batches."""
+    grad_fn = jax.value_and_grad(functools.partial(_loss_fn, model=model, remat=remat), has_aux=True)
+
+    def micro_step(carry, xs):
+        grads, batch_stats, loss, acc = carry
+        micro, j = xs
+        (micro_loss, (batch_stats, a)), g = grad_fn(state.params, batch_stats, micro,
+                                                    jax.random.fold_in(rng, j))
+        return (jax.tree_util.tree_map(jnp.add, grads, g), batch_stats, loss + micro_loss, acc + a), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    init = (zeros, state.batch_stats, jnp.float32(0), jnp.float32(0))
+    if grad_accum_steps == 1:  # no loop: XLA:CPU runs convolutions inside a while loop far slower
+        (grads, batch_stats, loss, acc), _ = micro_step(init, (batch, 0))
+    else:
+        micro = _micro_batches(batch, grad_accum_steps)
+        (grads, batch_stats, loss, acc), _ = jax.lax.scan(
+            micro_step, init, (micro, jnp.arange(grad_accum_steps)))
+    inv = 1.0 / grad_accum_steps
+    return jax.tree_util.tree_map(lambda g: g * inv, grads), batch_stats, loss * inv, acc * inv
+
+
 def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
                schedule: Callable, grad_accum_steps: int = 1, remat: bool = False):
     """One optimizer step on a global batch; pure, for `jax.jit`.
@@ -112,44 +148,14 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
       (new state, {"train_loss", "train_accuracy", "learning_rate"} float32 scalars).
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-    def loss_fn(params, batch_stats, micro, key):
-        def forward(params, image):
-            return model.apply(_variables(params, batch_stats), image, train=True,
-                               mutable=["batch_stats"], rngs={"dropout": key})
-        if remat:
-            forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.dots_saveable)
-        logits, updates = forward(params, micro["image"])
-        loss_sum, correct, _, count = _cross_entropy(logits, micro["label"], micro["mask"])
-        count = jnp.maximum(count, 1.0)
-        return loss_sum / count, (updates.get("batch_stats", batch_stats), correct / count)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def micro_step(carry, xs):
-        grads, batch_stats, loss, acc = carry
-        micro, j = xs
-        key = jax.random.fold_in(rng, j)
-        (micro_loss, (batch_stats, a)), g = grad_fn(state.params, batch_stats, micro, key)
-        grads = jax.tree_util.tree_map(jnp.add, grads, g)
-        return (grads, batch_stats, loss + micro_loss, acc + a), None
-
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-    init = (zeros, state.batch_stats, jnp.float32(0), jnp.float32(0))
-    if grad_accum_steps == 1:  # no loop: XLA:CPU runs convolutions inside a while loop far slower
-        (grads, batch_stats, loss, acc), _ = micro_step(init, (batch, 0))
-    else:
-        micro = _micro_batches(batch, grad_accum_steps)
-        (grads, batch_stats, loss, acc), _ = jax.lax.scan(
-            micro_step, init, (micro, jnp.arange(grad_accum_steps)))
-    inv = 1.0 / grad_accum_steps
-    grads = jax.tree_util.tree_map(lambda g: g * inv, grads)
+    grads, batch_stats, loss, acc = _mean_gradients(state, batch, rng, model=model, remat=remat,
+                                                    grad_accum_steps=grad_accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     lr = schedule(state.step) * state.lr_scale
     params = jax.tree_util.tree_map(lambda p, u: p - (lr * u).astype(p.dtype), state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
-    return new_state, {"train_loss": loss * inv, "train_accuracy": acc * inv, "learning_rate": lr}
+    return new_state, {"train_loss": loss, "train_accuracy": acc, "learning_rate": lr}
 
 
 def eval_step(state: TrainState, batch: dict, *, model):
