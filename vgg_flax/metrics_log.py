@@ -55,6 +55,7 @@ class MetricsLogger:
         self.workdir, self.tensorboard, self.total = workdir, tensorboard, total_steps
         self._writer = None
         self._bar = None
+        self._shown: dict[str, str] = {}  # the bar's latest training and eval numbers
         self._t0, self._step0 = time.time(), start_step
         if not self.enabled:
             return
@@ -97,9 +98,9 @@ class MetricsLogger:
         step = row["step"]
         if self._bar is not None:
             self._bar.n = step
-            shown = {k: f"{v:.4g}" for k, v in row.items()
-                     if k in ("train_loss", "train_accuracy", "images_per_sec", "eval_top1")}
-            self._bar.set_postfix(shown, refresh=True)
+            self._shown.update({k: f"{v:.4g}" for k, v in row.items()
+                                if k in ("train_loss", "train_accuracy", "images_per_sec", "eval_top1")})
+            self._bar.set_postfix(self._shown, refresh=True)
         elif self.progress == "lines":
             done = max(step - self._step0, 1)
             eta = (time.time() - self._t0) / done * max(self.total - step, 0)
