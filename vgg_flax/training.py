@@ -92,7 +92,7 @@ def dataset_classes(config, datasets) -> int:
 def initial_variables(config, model, rng: jax.Array) -> dict:
     """Fresh variables, or those of a warm start (net A) / fine-tuning source, as numpy."""
     size = config.image_size
-    variables = jax.device_get(model.init(rng, jnp.zeros((1, size, size, 3), model.dtype)))
+    variables = jax.device_get(jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), model.dtype)))
     if config.warm_start_from:
         _, net_a = ckpt_lib.load_for_inference(config.warm_start_from)
         return warm_start.paper_warm_start(variables, net_a)
