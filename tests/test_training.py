@@ -67,6 +67,14 @@ def test_eight_devices_equal_one(reference, tmp_path):
     _assert_close(reference, eight)
 
 
+def test_eight_devices_equal_one_with_grad_accumulation(tmp_path):
+    """Micro-batches keep the data sharding: 2 micro-batches of 8 over 8 devices == on 1 device."""
+    kw = {"grad_accum_steps": 2, "global_batch_size": 16, "num_train_steps": 3}
+    eight = _run(tmp_path / "work8", tmp_path / "out.npz", overrides=kw, devices=8)
+    one = flat_params(_train(tmp_path / "work1", **kw))
+    _assert_close(one, eight)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
