@@ -212,7 +212,7 @@ def bench_model(name, args, peak_gflops):
                                      warmup=args.warmup, repeats=args.repeats)
     print(f"{name}: XLA compile {info['compile_s']:.1f} s (trace+lower {info['trace_s']:.1f} s), "
           f"XLA train step footprint {info['xla_gib']:.2f} GiB, device peak {info['device_peak']}, "
-          f"host peak RSS {rss0:.2f} -> {rss_jax:.2f} GiB after ours, {rss_all:.2f} GiB after torch "
+          f"host peak RSS {rss0:.2f} -> {rss_jax:.2f} GiB after ours, {rss_all:.2f} GiB after training steps "
           f"(torch device peak {torch_peak_gib() if tfns else float('nan'):.2f} GiB)", flush=True)
     for label, times in [("train", train_t), ("infer", infer_t)]:
         for fw, ts in times.items():
