@@ -356,3 +356,22 @@ def test_metrics_log_rows_tensorboard_and_resume_truncation(tmp_path):
                               progress="none").close()  # a run resumed from step 2
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_checkpoints_keep_the_latest_k_and_the_best(tmp_path):
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2, async_save=True)
+    top1 = {2: 0.9, 4: 0.5, 6: 0.7}
+    for step in range(1, 7):
+        state = {"w": jnp.full((3,), float(step))}
+        ckpt.save(step, state, {"num_classes": 3}, {"eval_top1": top1[step]} if step in top1 else None)
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 5, 6] and ckpt.best_step() == 2
+    ckpt.close()
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2)  # a restarted run still knows the best
+    ckpt.save(7, {"w": jnp.zeros(3)}, {"num_classes": 3})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 6, 7] and ckpt.best_step() == 2
+    restored, meta = ckpt.restore(2, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    ckpt.close()
+    np.testing.assert_array_equal(restored["w"], [2.0, 2.0, 2.0])
+    assert meta == {"num_classes": 3}

@@ -59,8 +59,11 @@ class Checkpoints:
             policies.LatestN(n=self.keep),
             policies.BestN(get_metric_fn=lambda m: m["eval_top1"], reverse=False, n=1,
                            keep_checkpoints_without_metrics=False)])
+        # best_fn makes orbax write each step's metrics to disk, so the best step is still known
+        # (and kept) after a restart; retention itself is `preserve`.
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=preserve, enable_async_checkpointing=self.async_save,
+            preservation_policy=preserve, best_fn=lambda m: m["eval_top1"], best_mode="max",
+            enable_async_checkpointing=self.async_save,
             cleanup_tmp_directories=True, create=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         return ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
@@ -72,6 +75,7 @@ class Checkpoints:
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
+        """The kept step with the highest eval_top1 (the latest when none has one)."""
         return self._manager.best_step()
 
     def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
