@@ -107,6 +107,23 @@ def test_other_convs_fall_back_to_lax():
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("kind", ["normal", "relu", "integer"])
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2), (2, 64, 64, 4)], ids=str)
+def test_max_pool_matches_flax_exactly(shape, kind):
+    """Values and gradients bit-equal to nn.max_pool's, ties included (zeros after ReLU, integers):
+    the gradient goes to the window's first maximum, as XLA's select-and-scatter does."""
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    x = {"normal": x, "relu": jnp.maximum(x, 0), "integer": jnp.round(x)}[kind]
+    ref = lambda a: nn.max_pool(a, (2, 2), strides=(2, 2))
+    y_ref, vjp_ref = jax.vjp(ref, x)
+    y, vjp = jax.vjp(conv.max_pool_2x2, x)
+    g = jax.random.normal(jax.random.key(1), y_ref.shape)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(jax.jit(vjp)(g)[0], jax.jit(vjp_ref)(g)[0])
+
+
 # At 64x64 the first convs take the blocked filter gradient, the 2x2 ones the im2col path.
 TINY = (8, "M", 16, (16, 1), "M", 16, "M", 16, "M", "M", 16, 16)
 

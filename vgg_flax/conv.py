@@ -175,3 +175,49 @@ def make_conv_general_dilated(impl: str = "auto"):
         return conv_same_cpu(lhs, rhs, rhs.shape[0])
 
     return conv_general_dilated
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2/2 VALID max-pool (an odd last row/column is dropped, as `nn.max_pool`), same gradient.
+
+    Why: XLA:CPU's gradient of `reduce_window` max (select-and-scatter) took 324 ms for a
+    8x224x224x64 map, ~0.6 s of a VGG16 step's 5.6 s, where the same gradient as one elementwise pass
+    (mask of the window's first maximum times the upsampled gradient) is memory-bound. Ties go to the
+    first maximum in row-major window order, as select-and-scatter does.
+
+    Args:
+      x: float[N, H, W, C].
+    Returns:
+      float[N, H // 2, W // 2, C].
+    """
+    n, h, w, c = x.shape
+    return _pool_even(x[:, :h // 2 * 2, :w // 2 * 2, :])
+
+
+@jax.custom_vjp
+def _pool_even(x):
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _pool_fwd(x):
+    y = _pool_even(x)
+    return y, (x, y)
+
+
+def _pool_bwd(residuals, g):
+    x, y = residuals
+    n, h, w, c = x.shape
+    win = x.reshape(n, h // 2, 2, w // 2, 2, c)
+    hit = win == y[:, :, None, :, None, :]
+    e00, e01, e10, e11 = hit[:, :, 0, :, 0], hit[:, :, 0, :, 1], hit[:, :, 1, :, 0], hit[:, :, 1, :, 1]
+    first = [e00, e01 & ~e00, e10 & ~(e00 | e01), e11 & ~(e00 | e01 | e10)]
+    zero = jnp.zeros((), g.dtype)
+    parts = [jnp.where(m, g, zero) for m in first]  # each float[N, H/2, W/2, C]
+    top = jnp.stack(parts[:2], axis=3)  # window row 0: [N, H/2, W/2, 2, C]
+    bottom = jnp.stack(parts[2:], axis=3)
+    dx = jnp.stack([top, bottom], axis=2)  # [N, H/2, 2, W/2, 2, C]
+    return (dx.reshape(n, h, w, c),)
+
+
+_pool_even.defvjp(_pool_fwd, _pool_bwd)

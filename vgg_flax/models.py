@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_flax.conv import make_conv_general_dilated
+from vgg_flax.conv import make_conv_general_dilated, max_pool_2x2, resolve_impl
 
 # A config entry is a conv width (3x3 conv), "M" (2x2/2 max-pool), "LRN" (local response
 # normalisation) or a (width, kernel_size) pair for other square kernels such as config C's 1x1.
@@ -189,9 +189,9 @@ class VGG(nn.Module):
       weight_init: "torchvision" or "paper" initialisation.
       dtype: computation dtype (e.g. jnp.bfloat16); logits are returned in float32.
       param_dtype: parameter dtype (float32 by default, also under bf16/fp16 compute).
-      conv_impl: how the 3x3 convs are computed, not what: "auto" (the fastest measured path for
-        the backend: `vgg_flax.conv`'s blocked filter gradient on CPU, plain XLA elsewhere), "xla"
-        or "cpu". Outputs and gradients are the same (tests/test_conv.py).
+      conv_impl: how the convs and pools are computed, not what: "auto" (the fastest measured path
+        for the backend: `vgg_flax.conv`'s blocked filter gradient and elementwise pool gradient on
+        CPU, plain XLA elsewhere), "xla" or "cpu". Same outputs and gradients (tests/test_conv.py).
     """
 
     config: Any = "D"
@@ -264,7 +264,7 @@ class VGG(nn.Module):
         for name, entry in layer_names(self.config):
             if name.startswith("pool"):
                 tap("stage" + name[4:], x)
-                x = tap(name, nn.max_pool(x, (2, 2), strides=(2, 2)))
+                x = tap(name, self._max_pool(x))
             elif name.startswith("lrn"):
                 x = tap(name, local_response_norm(x))
             else:
@@ -281,6 +281,12 @@ class VGG(nn.Module):
                 tap(name, x)
                 x = tap("relu" + name[4:], nn.relu(x))
         return x
+
+    def _max_pool(self, x):
+        """2x2/2 max-pool; on the CPU path with a faster gradient, same values (vgg_flax.conv)."""
+        if resolve_impl(self.conv_impl) == "cpu":
+            return max_pool_2x2(x)
+        return nn.max_pool(x, (2, 2), strides=(2, 2))
 
     def _dense(self, features, name):
         _, fc_init = _initializers(self.weight_init)
