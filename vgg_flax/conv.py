@@ -26,9 +26,10 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 # Rows of the im2col block (N * R * W) to aim for: small enough for the block's patches to stay in
 # the 32 MiB L3, large enough for each matmul to run near peak.
 _TARGET_BLOCK_ROWS = 4096
-# Below this many output pixels per image XLA's own filter gradient is as fast or faster (measured:
-# 14x14x512 49 ms vs 61 ms blocked; 28x28x512 494 ms vs 276 ms), so the loop is not used there.
-_MIN_PIXELS = 28 * 28
+# Below this many output pixels per image XLA's own filter gradient is as fast or faster (measured at
+# low load: 28x28 maps at batch 8 even, 115-229 ms either way; 32x32x64 maps at batch 32 29 ms XLA vs
+# 72 ms blocked; 14x14 and 16x16 maps XLA faster), so the loop is used from 56x56 maps up.
+_MIN_PIXELS = 56 * 56
 # At most this many pixels per map the whole conv is one im2col matmul (`conv_same_im2col`).
 _MAX_IM2COL_PIXELS = 4 * 4
 
