@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = model_config()
     c.dtype = "float32"           # compute dtype: float32 | bfloat16 | float16 (params stay float32)
-    c.remat = False               # recompute all but conv/matmul outputs in the backward pass
+    c.remat = False               # rematerialise each conv block in the backward pass (less memory)
 
     # Batches and steps. The global batch is split over all devices of all processes.
     c.global_batch_size = 32

@@ -232,3 +232,25 @@ def test_full_vgg11_at_224_runs_under_jit():
     out = jax.jit(functools.partial(model.apply, train=False))(variables, x)
     assert out.shape == (1, 1000) and bool(jnp.all(jnp.isfinite(out)))
     assert models.count_params(variables) == TORCHVISION_PARAMS["vgg11"]
+
+
+def test_remat_blocks_same_values_gradients_and_names():
+    kw = dict(TINY_KW, batch_norm=True, head="torchvision")
+    plain, remat = vgg_flax.VGG(**kw), vgg_flax.VGG(remat_blocks=True, **kw)
+    x = jax.random.normal(jax.random.key(8), (2, 64, 64, 3))
+    variables = plain.init(jax.random.key(0), x)
+    assert (jax.tree.map(jnp.shape, remat.init(jax.random.key(0), x))
+            == jax.tree.map(jnp.shape, variables))
+
+    def loss(model, params):
+        out, upd = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                               rngs={"dropout": jax.random.key(1)})
+        return jnp.sum(out ** 2), upd
+
+    (a, upd_a), ga = jax.value_and_grad(functools.partial(loss, plain), has_aux=True)(variables["params"])
+    (b, upd_b), gb = jax.value_and_grad(functools.partial(loss, remat), has_aux=True)(variables["params"])
+    np.testing.assert_allclose(b, a, rtol=1e-6)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(v, u, rtol=1e-5, atol=1e-7), upd_a, upd_b)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(v, u, rtol=1e-4, atol=1e-6), ga, gb)
+    with pytest.raises(ValueError, match="remat_blocks"):
+        remat.apply(variables, x, taps=("relu1_1",))

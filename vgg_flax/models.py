@@ -87,6 +87,17 @@ def layer_names(config: str | Sequence[ConfigEntry]) -> list[tuple[str, ConfigEn
     return names
 
 
+def _stages(config) -> list[tuple[tuple[str, ConfigEntry], ...]]:
+    """`layer_names` cut into blocks, each ending with its pool (the last may have none)."""
+    stages, current = [], []
+    for name, entry in layer_names(config):
+        current.append((name, entry))
+        if name.startswith("pool"):
+            stages.append(tuple(current))
+            current = []
+    return stages + ([tuple(current)] if current else [])
+
+
 def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
     """torch.nn.AdaptiveAvgPool2d on NHWC maps, for any input size (also smaller than the output).
 
@@ -192,6 +203,9 @@ class VGG(nn.Module):
       conv_impl: how the convs and pools are computed, not what: "auto" (the fastest measured path
         for the backend: `vgg_flax.conv`'s blocked filter gradient and elementwise pool gradient on
         CPU, plain XLA elsewhere), "xla" or "cpu". Same outputs and gradients (tests/test_conv.py).
+      remat_blocks: rematerialise each conv block (`nn.remat` over its convs, BN, ReLUs and pool):
+        only block outputs are kept for the backward pass, the rest is recomputed block by block.
+        Less activation memory for large batches on small cards; same values and parameter names.
     """
 
     config: Any = "D"
@@ -205,6 +219,7 @@ class VGG(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    remat_blocks: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, taps: Sequence[str] = ()):
@@ -225,6 +240,9 @@ class VGG(nn.Module):
         unknown = wanted - set(self.tap_names())
         if unknown:
             raise KeyError(f"unknown taps {sorted(unknown)}; valid taps: {self.tap_names()}")
+        if taps and self.remat_blocks:
+            raise ValueError("taps are not available with remat_blocks=True (values computed inside "
+                             "a rematerialised block cannot leave it); use remat_blocks=False")
         found: dict[str, jax.Array] = {}
 
         def tap(name, value):
@@ -260,8 +278,18 @@ class VGG(nn.Module):
         return names
 
     def _features(self, x, train, tap):
+        for stage in _stages(self.config):
+            if self.remat_blocks:  # the taps stay empty: values inside a remat cannot leave it
+                x = nn.remat(VGG._stage, static_argnums=(2, 3, 4))(self, x, stage, train, None)
+            else:
+                x = self._stage(x, stage, train, tap)
+        return x
+
+    def _stage(self, x, stage, train, tap):
+        """The layers of one block (convs [BN] ReLU, LRN, then its pool), in `_features`' scope."""
+        tap = tap or (lambda name, value: value)
         conv_init, _ = _initializers(self.weight_init)
-        for name, entry in layer_names(self.config):
+        for name, entry in stage:
             if name.startswith("pool"):
                 tap("stage" + name[4:], x)
                 x = tap(name, self._max_pool(x))

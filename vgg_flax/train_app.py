@@ -46,8 +46,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_quiet_orbax)
-    from vgg_flax import training  # after flag parsing: importing JAX is slow
+    from vgg_flax import perf, training  # after flag parsing: importing JAX is slow
 
+    cache = perf.enable_compilation_cache()  # a restarted run loads its compiled steps from disk
+    logging.info("compilation cache: %s", cache or "off")
     training.initialize_distributed(FLAGS.distributed or "JAX_COORDINATOR_ADDRESS" in os.environ)
     logging.info("config:\n%s", FLAGS.config)
     try:
