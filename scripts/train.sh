@@ -6,4 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh train
-exec .venv/bin/python train.py --workdir "${WORKDIR:-runs/default}" "$@"
+workdir="${WORKDIR:-runs/default}"
+.venv/bin/python train.py --workdir "$workdir" "$@"
+.venv/bin/vgg-flax plot "$workdir"   # training curves: $workdir/curves.png

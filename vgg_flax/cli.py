@@ -5,6 +5,7 @@ Subcommands:
   convert   torchvision/timm weights (.pth, .safetensors) into a vgg-flax weights file
   predict   top-5 ImageNet classes of image files with a converted weights file
   eval      top-1/top-5 with the paper's test protocols over a TFDS split or an image folder
+  plot      training curves of a workdir's metrics.jsonl as a PNG
   train     the training program (same as `python train.py`; its absl flags follow `train`)
 """
 
@@ -115,6 +116,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from vgg_flax import plots
+
+    print(plots.plot_metrics(args.workdir, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vgg-flax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--head", default="torchvision")
     p.set_defaults(func=_models)
+
+    p = sub.add_parser("plot", help="training curves of a workdir's metrics.jsonl as a PNG")
+    p.add_argument("workdir")
+    p.add_argument("--out", help="default: WORKDIR/curves.png")
+    p.set_defaults(func=_plot)
 
     p = sub.add_parser("convert", help="convert torchvision/timm VGG weights to a vgg-flax file")
     p.add_argument("src", help="a .pth/.pt/.bin or .safetensors state dict")
