@@ -32,9 +32,19 @@ def _data(n, h, w, c, d, k, dtype, seed=0):
 
 # VGG's conv shapes scaled down: the first conv (C=3), square and widening convs, odd sizes after
 # pools (7, 14 -> 7), config C's 1x1, and maps at or above conv._MIN_PIXELS (the blocked path).
+# 64+ channels on even maps of 8 to 56 px take Winograd (forward, input gradient; the filter gradient
+# from 128 input channels, up to 112 px); odd and 6 px maps with 64 channels keep XLA's conv.
 SHAPES = [(2, 64, 64, 3, 8, 3), (2, 56, 56, 16, 16, 3), (1, 60, 60, 8, 16, 3), (3, 57, 57, 4, 8, 3),
           (2, 28, 28, 16, 16, 3),
-          (2, 14, 14, 16, 32, 3), (2, 7, 7, 32, 32, 3), (2, 28, 28, 16, 16, 1), (1, 1, 1, 8, 8, 3)]
+          (2, 14, 14, 16, 32, 3), (2, 7, 7, 32, 32, 3), (2, 28, 28, 16, 16, 1), (1, 1, 1, 8, 8, 3),
+          (2, 8, 8, 64, 64, 3), (1, 16, 12, 64, 128, 3), (1, 14, 14, 128, 64, 3), (1, 112, 112, 128, 64, 3),
+          (1, 9, 9, 64, 64, 3), (2, 6, 6, 64, 64, 3)]
+
+
+def _uses_winograd(x, kernel):
+    """Whether `conv_same_cpu`'s forward is Winograd's, read from its jaxpr (no conv op in it)."""
+    jaxpr = str(jax.make_jaxpr(lambda a, b: conv.conv_same_cpu(a, b, kernel.shape[0]))(x, kernel))
+    return "conv_general_dilated" not in jaxpr
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -44,7 +54,10 @@ def test_custom_vjp_matches_plain_grad(shape, dtype):
     x, kernel, g = _data(n, h, w, c, d, k, dtype)
     y_ref, vjp_ref = jax.vjp(_plain, x, kernel)
     y, vjp = jax.vjp(lambda a, b: conv.conv_same_cpu(a, b, k), x, kernel)
-    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    if _uses_winograd(x, kernel):  # a different algorithm: equal up to rounding
+        assert y.dtype == y_ref.dtype and _rel(y, y_ref) < TOL[dtype]
+    else:  # the same XLA op
+        np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
     for got, want in zip(jax.jit(vjp)(g), jax.jit(vjp_ref)(g), strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
         assert _rel(got, want) < TOL[dtype]
@@ -79,6 +92,42 @@ def test_filter_grad_blocked_equals_definition(shape):
                      for i in range(k) for j in range(k)]).reshape(k, k, c, d)
     got = jax.jit(lambda a, b: conv.filter_grad_blocked(a, b, ksize=k))(x, g)
     assert _rel(got, want) < 1e-5
+
+
+def _conv64(x, kernel):
+    """The direct "same" conv in float64 numpy: y[n,h,w,d] = sum x_pad[n,h+i,w+j,c] k[i,j,c,d]."""
+    h, w = x.shape[1:3]
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    kn = np.asarray(kernel, np.float64)
+    return sum(np.einsum("nhwc,cd->nhwd", xp[:, i:i + h, j:j + w], kn[i, j])
+               for i in range(3) for j in range(3))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 4, 5), (1, 6, 10, 3, 7), (1, 2, 2, 2, 2)], ids=str)
+def test_winograd_equals_definition(shape):
+    """Winograd's forward, input gradient and filter gradient against the direct sums in float64."""
+    n, h, w, c, d = shape
+    x, kernel, g = _data(n, h, w, c, d, 3, jnp.float32, seed=3)
+    assert _rel(jax.jit(conv.winograd_conv3x3)(x, kernel), _conv64(x, kernel)) < 2e-6
+    flipped = np.asarray(kernel, np.float64)[::-1, ::-1].transpose(0, 1, 3, 2)
+    assert _rel(jax.jit(conv.winograd_input_grad)(g, kernel), _conv64(g, flipped)) < 2e-6
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.stack([np.einsum("nhwc,nhwd->cd", xp[:, i:i + h, j:j + w], np.asarray(g, np.float64))
+                     for i in range(3) for j in range(3)]).reshape(3, 3, c, d)
+    assert _rel(jax.jit(conv.winograd_filter_grad)(x, g), want) < 2e-6
+
+
+def test_winograd_only_where_measured_faster():
+    """The routing the speed claims rest on: fp32, even sides >= 8, <= 56x56 px, 64+ channels."""
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    max_pixels = conv._WINOGRAD_MAX_PIXELS
+    fits = lambda shape, c, d, dt=f32: conv._winograd_fits(shape, c, d, dt, max_pixels=max_pixels)
+    assert fits((8, 56, 56, 256), 256, 256) and fits((32, 8, 8, 256), 256, 256)
+    assert fits((8, 14, 14, 512), 512, 512) and fits((32, 32, 32, 64), 64, 64)
+    assert not fits((8, 112, 112, 128), 128, 128)  # transforms cost more than they save
+    assert not fits((8, 224, 224, 3), 3, 64)  # 3 input channels
+    assert not fits((8, 57, 57, 64), 64, 64) and not fits((8, 6, 6, 64), 64, 64)
+    assert not fits((8, 28, 28, 512), 512, 512, bf16)  # fp32 only
 
 
 def test_rows_per_block_divides_height():
@@ -126,16 +175,20 @@ def test_max_pool_matches_flax_exactly(shape, kind):
 
 # At 64x64 the first convs take the blocked filter gradient, the 2x2 ones the im2col path.
 TINY = (8, "M", 16, (16, 1), "M", 16, "M", 16, "M", "M", 16, 16)
+# At 32x32: XLA's conv for 3 channels, Winograd forward / input gradient on the 16 px and 8 px maps,
+# Winograd filter gradient for the 128-channel input, im2col on 4 px.
+WIDE = (64, "M", 64, 128, "M", 128, "M", 64)
 
 
+@pytest.mark.parametrize("config,size", [(TINY, 64), (WIDE, 32)], ids=["tiny64", "wide32"])
 @pytest.mark.parametrize("batch_norm", [False, True], ids=["plain", "bn"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_vgg_train_grads_match_xla(batch_norm, dtype):
+def test_vgg_train_grads_match_xla(batch_norm, dtype, config, size):
     """The whole model: same logits, BN statistics and parameter gradients under both conv paths."""
-    kw = dict(config=TINY, batch_norm=batch_norm, head="small", num_classes=5, small_head_width=8,
+    kw = dict(config=config, batch_norm=batch_norm, head="small", num_classes=5, small_head_width=8,
               dtype=dtype)
     fast, plain = vgg_flax.VGG(conv_impl="cpu", **kw), vgg_flax.VGG(conv_impl="xla", **kw)
-    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
     labels = jnp.array([1, 3])
     variables = plain.init(jax.random.key(1), x)
 
