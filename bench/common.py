@@ -74,6 +74,21 @@ def interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: i
     return times
 
 
+def blocked(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int) -> dict[str, list]:
+    """Times each function `repeats` times back to back (A A A B B B), after its own warm-up.
+
+    The counterpart of `interleaved`: on the 2-core VM a VGG16 step right after the other
+    framework's ran 1-1.5 s slower (page-fault time of freshly mapped memory; docs/PERFORMANCE.md),
+    so each framework alone is measured too.
+    """
+    times: dict[str, list] = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        times[name] = [time_call(fn) for _ in range(repeats)]
+    return times
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -51,6 +51,8 @@ def parse_args(argv):
                    help="nominal dense peak of the device for MFU (e.g. 989 for H100 SXM bf16)")
     p.add_argument("--no-torch", action="store_true", help="time ours only")
     p.add_argument("--no-inference", action="store_true")
+    p.add_argument("--schedule", choices=["interleaved", "blocked"], default="interleaved",
+                   help="interleaved: A B A B after warm-up (default); blocked: all of A, then all of B")
     p.add_argument("--cache-dir", default=None,
                    help="persistent compilation cache directory (a second run then measures a restart)")
     return p.parse_args(argv)
@@ -203,12 +205,13 @@ def bench_model(name, args, peak_gflops):
     rss_jax = common.peak_rss_gib()
     variants = [] if args.no_torch else [v for v in args.torch.split(",") if v]
     tfns = {f"torch {v}": torch_runner(name, args, v) for v in variants}
-    train_t = common.interleaved({"ours": jtrain} | {k: f[0] for k, f in tfns.items()},
+    schedule = common.blocked if args.schedule == "blocked" else common.interleaved
+    train_t = schedule({"ours": jtrain} | {k: f[0] for k, f in tfns.items()},
                                  warmup=args.warmup, repeats=args.repeats)
     rss_all = common.peak_rss_gib()
     infer_t = {}
     if not args.no_inference:
-        infer_t = common.interleaved({"ours": jinfer} | {k: f[1] for k, f in tfns.items()},
+        infer_t = schedule({"ours": jinfer} | {k: f[1] for k, f in tfns.items()},
                                      warmup=args.warmup, repeats=args.repeats)
     print(f"{name}: XLA compile {info['compile_s']:.1f} s (trace+lower {info['trace_s']:.1f} s), "
           f"XLA train step footprint {info['xla_gib']:.2f} GiB, device peak {info['device_peak']}, "
@@ -248,7 +251,8 @@ def main(argv=None):
         perf.enable_compilation_cache(args.cache_dir)
     print(common.header([sys.argv[0], *argv]), flush=True)
     print(f"batch {args.batch}, image {args.image_size}, head {args.head}, classes {args.classes}, "
-          f"{args.dtype}, warmup {args.warmup}, repeats {args.repeats}, conv {args.conv}, step {args.step}, "
+          f"{args.dtype}, warmup {args.warmup}, repeats {args.repeats} ({args.schedule}), conv {args.conv}, "
+          f"step {args.step}, "
           f"torch {args.torch}{' channels_last' if args.channels_last else ''}, devices {jax.devices()}",
           flush=True)
     size = 4096 if jax.default_backend() == "cpu" else 8192

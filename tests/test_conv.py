@@ -32,13 +32,13 @@ def _data(n, h, w, c, d, k, dtype, seed=0):
 
 # VGG's conv shapes scaled down: the first conv (C=3), square and widening convs, odd sizes after
 # pools (7, 14 -> 7), config C's 1x1, and maps at or above conv._MIN_PIXELS (the blocked path).
-# 64+ channels on even maps of 8 to 56 px take Winograd (forward, input gradient; the filter gradient
-# from 128 input channels, up to 112 px); odd and 6 px maps with 64 channels keep XLA's conv.
+# 64+ channels on even maps of 4 to 56 px take Winograd (forward, input gradient; the filter gradient
+# from 128 input channels, up to 112 px); odd and 2 px maps with 64 channels keep XLA's conv.
 SHAPES = [(2, 64, 64, 3, 8, 3), (2, 56, 56, 16, 16, 3), (1, 60, 60, 8, 16, 3), (3, 57, 57, 4, 8, 3),
           (2, 28, 28, 16, 16, 3),
           (2, 14, 14, 16, 32, 3), (2, 7, 7, 32, 32, 3), (2, 28, 28, 16, 16, 1), (1, 1, 1, 8, 8, 3),
           (2, 8, 8, 64, 64, 3), (1, 16, 12, 64, 128, 3), (1, 14, 14, 128, 64, 3), (1, 112, 112, 128, 64, 3),
-          (1, 9, 9, 64, 64, 3), (2, 6, 6, 64, 64, 3)]
+          (1, 9, 9, 64, 64, 3), (2, 2, 2, 64, 64, 3), (3, 4, 4, 128, 64, 3)]
 
 
 def _uses_winograd(x, kernel):
@@ -118,7 +118,7 @@ def test_winograd_equals_definition(shape):
 
 
 def test_winograd_only_where_measured_faster():
-    """The routing the speed claims rest on: fp32, even sides >= 8, <= 56x56 px, 64+ channels."""
+    """The routing the speed claims rest on: fp32, even sides >= 4, <= 56x56 px, 64+ channels."""
     f32, bf16 = jnp.float32, jnp.bfloat16
     max_pixels = conv._WINOGRAD_MAX_PIXELS
     fits = lambda shape, c, d, dt=f32: conv._winograd_fits(shape, c, d, dt, max_pixels=max_pixels)
@@ -126,7 +126,8 @@ def test_winograd_only_where_measured_faster():
     assert fits((8, 14, 14, 512), 512, 512) and fits((32, 32, 32, 64), 64, 64)
     assert not fits((8, 112, 112, 128), 128, 128)  # transforms cost more than they save
     assert not fits((8, 224, 224, 3), 3, 64)  # 3 input channels
-    assert not fits((8, 57, 57, 64), 64, 64) and not fits((8, 6, 6, 64), 64, 64)
+    assert fits((32, 4, 4, 512), 512, 512) and fits((8, 6, 6, 64), 64, 64)
+    assert not fits((8, 57, 57, 64), 64, 64) and not fits((8, 2, 2, 512), 512, 512)
     assert not fits((8, 28, 28, 512), 512, 512, bf16)  # fp32 only
 
 
@@ -175,9 +176,9 @@ def test_max_pool_matches_flax_exactly(shape, kind):
 
 # At 64x64 the first convs take the blocked filter gradient, the 2x2 ones the im2col path.
 TINY = (8, "M", 16, (16, 1), "M", 16, "M", 16, "M", "M", 16, 16)
-# At 32x32: XLA's conv for 3 channels, Winograd forward / input gradient on the 16 px and 8 px maps,
-# Winograd filter gradient for the 128-channel input, im2col on 4 px.
-WIDE = (64, "M", 64, 128, "M", 128, "M", 64)
+# At 32x32: XLA's conv for 3 channels, Winograd forward / input gradient on the 16, 8 and 4 px maps,
+# Winograd filter gradient for the 128-channel inputs, im2col on 2 px.
+WIDE = (64, "M", 64, 128, "M", 128, "M", 128, "M", 64)
 
 
 @pytest.mark.parametrize("config,size", [(TINY, 64), (WIDE, 32)], ids=["tiny64", "wide32"])

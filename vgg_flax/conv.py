@@ -8,7 +8,7 @@ matmul float[9 C, N R W] x float[N R W, D] whose operands stay in cache, the sam
 times faster. The forward pass and the input gradient stay XLA's own convolutions: those are already
 fast. On GPU/TPU the plain `lax.conv_general_dilated` (cuDNN, TPU convs) is used unchanged.
 
-On fp32 maps of 8x8 to 56x56 pixels with 64+ channels (VGG's blocks 3-5 at 224 px, blocks 1-4 of a
+On fp32 maps of 4x4 to 56x56 pixels with 64+ channels (VGG's blocks 3-5 at 224 px, blocks 1-4 of a
 32 px image) the conv is Winograd F(2x2, 3x3) instead, forward and both gradients: 16 matmuls with
 2.25x fewer multiplies, faster there than XLA's and than PyTorch's oneDNN convs on the same machine.
 
@@ -41,12 +41,13 @@ _TARGET_BLOCK_ROWS = 4096
 _MIN_PIXELS = 56 * 56
 # At most this many pixels per map the whole conv is one im2col matmul (`conv_same_im2col`).
 _MAX_IM2COL_PIXELS = 4 * 4
-# Winograd F(2x2, 3x3) (`winograd_conv3x3`) for fp32 maps from 8x8 up to this many pixels, with at
+# Winograd F(2x2, 3x3) (`winograd_conv3x3`) for fp32 maps from 4x4 up to this many pixels, with at
 # least _WINOGRAD_MIN_CHANNELS channels in and out: there the 16 matmuls (2.25x fewer multiplies) win.
 # Above it the transforms, memory-bound, cost more than they save (measured per layer at batch 8, see
-# docs/PERFORMANCE.md): 224 and 112 px maps with 64-128 channels keep XLA's conv.
+# docs/PERFORMANCE.md): 224 and 112 px maps with 64-128 channels keep XLA's conv. On 4x4 maps it
+# also beats the im2col matmul (batch 32, 512 channels: 8 vs 13 ms forward); 2x2 maps stay im2col.
 _WINOGRAD_MAX_PIXELS = 56 * 56
-_WINOGRAD_MIN_SIDE = 8
+_WINOGRAD_MIN_SIDE = 4
 _WINOGRAD_MIN_CHANNELS = 64
 # Its filter gradient also wins on 112x112 maps, when the conv has at least this many input channels
 # (64-channel inputs keep the blocked loop or XLA's).
@@ -104,7 +105,7 @@ def filter_grad_blocked(x: jax.Array, g: jax.Array, *, ksize: int) -> jax.Array:
 
 
 def _winograd_fits(shape, c: int, d: int, dtype, *, max_pixels: int) -> bool:
-    """True where Winograd F(2x2, 3x3) is used: fp32, even sides of at least 8, not too large."""
+    """True where Winograd F(2x2, 3x3) is used: fp32, even sides of at least 4, not too large."""
     _, h, w, _ = shape
     return (jnp.dtype(dtype) == jnp.float32 and h % 2 == 0 and w % 2 == 0
             and min(h, w) >= _WINOGRAD_MIN_SIDE and h * w <= max_pixels
@@ -172,7 +173,7 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     Why: every 2x2 output tile costs 16 multiplies per (C, D) pair instead of 36, so the conv becomes
     16 matmuls float[N H W / 4, C] x float[C, D] with 2.25x fewer FLOPs; the input, kernel and output
-    transforms are additions only (and halvings of the kernel). On maps of 8x8 to 56x56 with 64+
+    transforms are additions only (and halvings of the kernel). On maps of 4x4 to 56x56 with 64+
     channels this beats XLA:CPU's convolution by 1.2-2x (docs/PERFORMANCE.md). The result differs from
     the direct conv by rounding only (~1e-6 relative in fp32; tested in tests/test_conv.py).
 
@@ -331,7 +332,9 @@ def make_conv_general_dilated(impl: str = "auto"):
                 or not _is_same_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                      dimension_numbers, feature_group_count)):
             return plain()
-        if lhs.shape[1] * lhs.shape[2] <= _MAX_IM2COL_PIXELS:
+        winograd = rhs.shape[0] == 3 and _winograd_fits(lhs.shape, rhs.shape[2], rhs.shape[3], lhs.dtype,
+                                                         max_pixels=_WINOGRAD_MAX_PIXELS)
+        if lhs.shape[1] * lhs.shape[2] <= _MAX_IM2COL_PIXELS and not winograd:
             return conv_same_im2col(lhs, rhs)
         return conv_same_cpu(lhs, rhs, rhs.shape[0])
 
