@@ -5,16 +5,18 @@ the whole feature map (224x224 for VGG's first block). That runs at 12-35 GFLOP/
 machine, 4-10x below its forward pass, and it was the largest term of a VGG16 training step there (see
 docs/PERFORMANCE.md). Written instead as a loop over blocks of R image rows, each block one im2col
 matmul float[9 C, N R W] x float[N R W, D] whose operands stay in cache, the same gradient runs several
-times faster. The forward pass and the input gradient stay XLA's own convolutions: those are already
-fast. On GPU/TPU the plain `lax.conv_general_dilated` (cuDNN, TPU convs) is used unchanged.
+times faster. On the large maps the forward pass and the input gradient stay XLA's own convolutions:
+those are already fast there. On GPU/TPU the plain `lax.conv_general_dilated` (cuDNN, TPU convs) is
+used unchanged.
 
 On fp32 maps of 4x4 to 56x56 pixels with 64+ channels (VGG's blocks 3-5 at 224 px, blocks 1-4 of a
 32 px image) the conv is Winograd F(2x2, 3x3) instead, forward and both gradients: 16 matmuls with
 2.25x fewer multiplies, faster there than XLA's and than PyTorch's oneDNN convs on the same machine.
 
-Also here, for the same reason: maps of at most 4x4 pixels (where XLA:CPU's convolution runs at about
-1 GFLOP/s) are one im2col matmul, and the 2x2 max-pool is elementwise (maxima of four slices, with an
-elementwise gradient instead of select-and-scatter).
+Also here, for the same reason: other maps of at most 4x4 pixels (2x2 and 1x1 ones, or few channels;
+XLA:CPU's convolution of a 2x2 map runs at about 1 GFLOP/s) are one im2col matmul, and the 2x2
+max-pool is elementwise (maxima of four slices, with an elementwise gradient instead of
+select-and-scatter).
 
 `conv_general_dilated` below has `lax.conv_general_dilated`'s signature so it can be handed to
 `flax.linen.Conv(conv_general_dilated=...)`: parameters and names stay those of the plain module;
