@@ -144,14 +144,17 @@ def _winograd_input(x: jax.Array) -> list[jax.Array]:
     return [t.reshape(n * th * tw, c) for t in tiles]
 
 
+def _at_rows(m0, m1, m2, m3):
+    """A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] applied along one axis (4 -> 2)."""
+    return [m0 + m1 + m2, m1 - m2 - m3]
+
+
 def _winograd_output(m: list[jax.Array], n: int, h: int, w: int) -> jax.Array:
-    """A^T M A with A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]: 16 float[T, D] -> float[N, H, W, D]."""
+    """A^T M A for every tile: 16 float[T, D] (index 4 a + b) -> float[N, H, W, D]."""
     d = m[0].shape[-1]
     m = [t.reshape(n, h // 2, w // 2, d) for t in m]
-    out_rows = []
-    for a in range(2):
-        cols = [m[b] + m[4 + b] + m[8 + b] if a == 0 else m[4 + b] - m[8 + b] - m[12 + b] for b in range(4)]
-        out_rows.append(jnp.stack([cols[0] + cols[1] + cols[2], cols[1] - cols[2] - cols[3]], axis=3))
+    cols = [_at_rows(*m[b::4]) for b in range(4)]  # cols[b][i]: A^T along a
+    out_rows = [jnp.stack(_at_rows(*[cols[b][i] for b in range(4)]), axis=3) for i in range(2)]
     return jnp.stack(out_rows, axis=2).reshape(n, h, w, d)  # [n, h/2, 2, w/2, 2, d]
 
 
@@ -184,10 +187,32 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Returns:
       float[N, H, W, D].
     """
+    return _winograd_matmuls(x, kernel, input_grad=False)
+
+
+# G flip(k) = P G k with P reordering the four rows as (3, 1, 2, 0): the transformed kernel of the
+# spatially flipped kernel is a permutation of the original's.
+_FLIP = (3, 1, 2, 0)
+
+
+def _winograd_matmuls(x: jax.Array, kernel: jax.Array, *, input_grad: bool) -> jax.Array:
+    """Input transform, 16 matmuls against the transformed kernel, output transform.
+
+    input_grad=False: the conv of x [N, H, W, C] with kernel [3, 3, C, D]. input_grad=True: x is the
+    output gradient [N, H, W, D] and the conv uses the flipped, transposed kernel, which is never
+    materialised: its transform is a permutation of the kernel's (`_FLIP`) and each matmul contracts
+    D against the untransposed [C, D] matrix (what BLAS does natively).
+    """
     n, h, w, _ = x.shape
     v = _winograd_input(x)
     u = _winograd_kernel(kernel)
-    return _winograd_output([jnp.dot(v[s], u[s]) for s in range(16)], n, h, w)
+    if not input_grad:
+        m = [jnp.dot(v[s], u[s]) for s in range(16)]
+    else:
+        dims = (((1,), (1,)), ((), ()))
+        m = [lax.dot_general(v[4 * a + b], u[4 * _FLIP[a] + _FLIP[b]], dims)
+             for a in range(4) for b in range(4)]
+    return _winograd_output(m, n, h, w)
 
 
 def _winograd_kernel(kernel: jax.Array) -> list[jax.Array]:
@@ -196,28 +221,15 @@ def _winograd_kernel(kernel: jax.Array) -> list[jax.Array]:
     return [t for r in rows for t in _g_rows(r[0], r[1], r[2])]
 
 
-# G flip(k) = P G k with P reordering the four rows as (3, 1, 2, 0): the transformed kernel of the
-# spatially flipped kernel is a permutation of the original's.
-_FLIP = (3, 1, 2, 0)
-
-
 def winograd_input_grad(g: jax.Array, kernel: jax.Array) -> jax.Array:
     """The input gradient of a "same" 3x3 conv: the conv of g with the flipped, transposed kernel.
-
-    The kernel is never flipped or transposed in memory: its transform is permuted (`_FLIP`) and each
-    matmul contracts D against the untransposed [C, D] matrix (what BLAS does natively).
 
     Args:
       g: float[N, H, W, D] the gradient of the conv's output; kernel: float[3, 3, C, D].
     Returns:
       float[N, H, W, C].
     """
-    n, h, w, _ = g.shape
-    v = _winograd_input(g)
-    u = _winograd_kernel(kernel)
-    dims = (((1,), (1,)), ((), ()))
-    m = [lax.dot_general(v[4 * a + b], u[4 * _FLIP[a] + _FLIP[b]], dims) for a in range(4) for b in range(4)]
-    return _winograd_output(m, n, h, w)
+    return _winograd_matmuls(g, kernel, input_grad=True)
 
 
 def winograd_filter_grad(x: jax.Array, g: jax.Array) -> jax.Array:

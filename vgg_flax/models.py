@@ -201,8 +201,9 @@ class VGG(nn.Module):
       dtype: computation dtype (e.g. jnp.bfloat16); logits are returned in float32.
       param_dtype: parameter dtype (float32 by default, also under bf16/fp16 compute).
       conv_impl: how the convs and pools are computed, not what: "auto" (the fastest measured path
-        for the backend: `vgg_flax.conv`'s blocked filter gradient and elementwise pool gradient on
-        CPU, plain XLA elsewhere), "xla" or "cpu". Same outputs and gradients (tests/test_conv.py).
+        for the backend: on CPU `vgg_flax.conv`'s Winograd convs, blocked filter gradient and
+        elementwise pool; plain XLA elsewhere), "xla" or "cpu". Same outputs and gradients up to
+        rounding (tests/test_conv.py).
       remat_blocks: rematerialise each conv block (`nn.remat` over its convs, BN, ReLUs and pool):
         only block outputs are kept for the backward pass, the rest is recomputed block by block.
         Same values and parameter names. Meant for large batches on small GPUs (unmeasured there);
