@@ -15,8 +15,6 @@ import sys
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 
 def header(argv: list[str]) -> str:
     """The machine, the library versions and the command that reproduces this run."""
@@ -28,7 +26,8 @@ def header(argv: list[str]) -> str:
              f"{os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.2f}",
              f"python {platform.python_version()}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
              f"backend {jax.default_backend()} ({jax.devices()[0].device_kind})",
-             f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"]
+             f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+             f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"]
     try:
         import torch
         import torchvision
@@ -143,6 +142,3 @@ def fmt_table(rows: list[list[str]]) -> str:
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
 
-
-def np_seed(seed: int) -> np.random.Generator:
-    return np.random.default_rng(seed)
