@@ -42,7 +42,7 @@ SHAPES = [(2, 64, 64, 3, 8, 3), (2, 56, 56, 16, 16, 3), (1, 60, 60, 8, 16, 3), (
 
 
 def _uses_winograd(x, kernel):
-    """Whether `conv_same_cpu`'s forward is Winograd's, read from its jaxpr (no conv op in it)."""
+    """Whether `conv_same_cpu`'s forward is not XLA's conv, read from its jaxpr (no conv op in it)."""
     jaxpr = str(jax.make_jaxpr(lambda a, b: conv.conv_same_cpu(a, b, kernel.shape[0]))(x, kernel))
     return "conv_general_dilated" not in jaxpr
 
@@ -131,6 +131,24 @@ def test_winograd_only_where_measured_faster():
     assert not fits((8, 28, 28, 512), 512, 512, bf16)  # fp32 only
 
 
+def _matmuls(fn, *args):
+    return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+
+@pytest.mark.parametrize("batch", [2, 63, 64])
+def test_inference_forward_on_small_4x4_batches_is_one_matmul(batch):
+    """Without a gradient, 4x4 maps of < 1024 batch pixels take im2col (one matmul), with the same
+    values; under jax.vjp, and from 64 images up, the forward stays Winograd's 16 matmuls."""
+    x, kernel, _ = _data(batch, 4, 4, 64, 64, 3, jnp.float32, seed=4)
+    infer = lambda a, b: conv.conv_same_cpu(a, b, 3)
+    trained = lambda a, b: jax.vjp(infer, a, b)[0]
+    assert _matmuls(infer, x, kernel) == (1 if batch < 64 else 16)
+    assert _matmuls(trained, x, kernel) == 16
+    want = _conv64(x, kernel)
+    assert _rel(jax.jit(infer)(x, kernel), want) < 2e-6
+    assert _rel(jax.jit(trained)(x, kernel), want) < 2e-6
+
+
 def test_rows_per_block_divides_height():
     for n, h, w in [(8, 224, 224), (8, 112, 112), (8, 56, 56), (32, 32, 32), (1, 57, 57), (64, 7, 7)]:
         r = conv._rows_per_block(n, h, w)
@@ -213,3 +231,19 @@ def test_vgg_train_grads_match_xla(batch_norm, dtype, config, size):
         err = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max()
         scale = max(float(np.abs(np.asarray(b, np.float32)).max()), floor)
         assert err / scale < TOL[dtype] * 5, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["plain", "bn"])
+def test_vgg_inference_matches_xla(batch_norm):
+    """Inference (no gradient, so the 4x4 maps take the im2col forward): same logits as XLA's convs,
+    BN in eval mode with non-trivial running statistics."""
+    kw = dict(config=WIDE, batch_norm=batch_norm, head="small", num_classes=5, small_head_width=8)
+    fast, plain = vgg_flax.VGG(conv_impl="cpu", **kw), vgg_flax.VGG(conv_impl="xla", **kw)
+    x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
+    variables = plain.init(jax.random.key(1), x)
+    if batch_norm:  # running statistics from one training-mode pass, not the init's 0 / 1
+        _, upd = plain.apply(variables, 2.0 * x + 0.5, train=True, mutable=["batch_stats"],
+                             rngs={"dropout": jax.random.key(2)})
+        variables = {**variables, **upd}
+    infer = lambda m: jax.jit(lambda v, a: m.apply(v, a, train=False))(variables, x)
+    assert _rel(infer(fast), infer(plain)) < 1e-5

@@ -50,6 +50,14 @@ _MAX_IM2COL_PIXELS = 4 * 4
 # also beats the im2col matmul (batch 32, 512 channels: 8 vs 13 ms forward); 2x2 maps stay im2col.
 _WINOGRAD_MAX_PIXELS = 56 * 56
 _WINOGRAD_MIN_SIDE = 4
+# ...except in a forward pass that is not differentiated (inference) on maps of at most
+# _MAX_IM2COL_PIXELS with fewer than this many pixels in the whole batch: there the kernel transform
+# (16 [C, D] matrices written, 64 [C, D] reads; 7.6 ms of conv4_2's 20 ms in VGG11 at batch 32, its
+# 9 MiB kernel no longer in cache) outweighs the matmuls it saves, while under `jax.grad` the
+# forward's transformed kernel is shared with the input gradient. Measured on whole VGG11 / VGG16
+# 32 px inference: batch 8 (4x4 maps, 128 pixels) 15 vs 24 ms and 29 vs 47-53 ms, batch 32 (512)
+# 43 vs 51 ms and 105-108 ms either way, batch 64 (1024) Winograd faster: 90 vs 101 ms, 202 vs 218.
+_WINOGRAD_INFER_MIN_PIXELS = 1024
 _WINOGRAD_MIN_CHANNELS = 64
 # Its filter gradient also wins on 112x112 maps, when the conv has at least this many input channels
 # (64-channel inputs keep the blocked loop or XLA's).
@@ -267,23 +275,32 @@ def conv_same_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.reshape(n, h, w, d)
 
 
+def _conv_same_forward(x: jax.Array, kernel: jax.Array, ksize: int, *, differentiated: bool) -> jax.Array:
+    """`conv_same_cpu`'s forward pass; `differentiated` is False when no gradient will follow."""
+    p = ksize // 2
+    if ksize == 3 and _winograd_fits(x.shape, x.shape[-1], kernel.shape[-1], x.dtype,
+                                     max_pixels=_WINOGRAD_MAX_PIXELS):
+        n, h, w, _ = x.shape
+        if not differentiated and h * w <= _MAX_IM2COL_PIXELS and n * h * w < _WINOGRAD_INFER_MIN_PIXELS:
+            return conv_same_im2col(x, kernel)
+        return winograd_conv3x3(x, kernel)
+    return _plain(x, kernel, ((p, p), (p, p)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_same_cpu(x: jax.Array, kernel: jax.Array, ksize: int) -> jax.Array:
     """A stride-1 "same" conv (NHWC, HWIO) with the fastest measured form of each pass on CPU.
 
     Forward and input gradient: Winograd where `_winograd_fits`, else XLA's conv (the forward is then
-    exactly `lax.conv_general_dilated`). Filter gradient: Winograd (128+ input channels, maps up to
-    112x112), else `filter_grad_blocked` on maps of 56x56 and larger, else XLA's.
+    exactly `lax.conv_general_dilated`); an inference forward on a small batch of 4x4 maps is one
+    im2col matmul instead (`_WINOGRAD_INFER_MIN_PIXELS`). Filter gradient: Winograd (128+ input
+    channels, maps up to 112x112), else `filter_grad_blocked` on maps of 56x56 and larger, else XLA's.
     """
-    p = ksize // 2
-    if ksize == 3 and _winograd_fits(x.shape, x.shape[-1], kernel.shape[-1], x.dtype,
-                                     max_pixels=_WINOGRAD_MAX_PIXELS):
-        return winograd_conv3x3(x, kernel)
-    return _plain(x, kernel, ((p, p), (p, p)))
+    return _conv_same_forward(x, kernel, ksize, differentiated=False)
 
 
 def _fwd(x, kernel, ksize):
-    return conv_same_cpu(x, kernel, ksize), (x, kernel)
+    return _conv_same_forward(x, kernel, ksize, differentiated=True), (x, kernel)
 
 
 def _bwd(ksize, residuals, g):
