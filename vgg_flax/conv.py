@@ -16,7 +16,8 @@ On fp32 maps of 4x4 to 56x56 pixels with 64+ channels (VGG's blocks 3-5 at 224 p
 Also here, for the same reason: other maps of at most 4x4 pixels (2x2 and 1x1 ones, or few channels;
 XLA:CPU's convolution of a 2x2 map runs at about 1 GFLOP/s) are one im2col matmul, and the 2x2
 max-pool is elementwise (maxima of four slices, with an elementwise gradient instead of
-select-and-scatter).
+select-and-scatter). Small batches take im2col where Winograd would not pay for its transforms: every
+pass below 256 pixels in the batch, and a forward without gradient on 4x4 maps below 1024.
 
 `conv_general_dilated` below has `lax.conv_general_dilated`'s signature so it can be handed to
 `flax.linen.Conv(conv_general_dilated=...)`: parameters and names stay those of the plain module;
@@ -58,6 +59,11 @@ _WINOGRAD_MIN_SIDE = 4
 # 32 px inference: batch 8 (4x4 maps, 128 pixels) 15 vs 24 ms and 29 vs 47-53 ms, batch 32 (512)
 # 43 vs 51 ms and 105-108 ms either way, batch 64 (1024) Winograd faster: 90 vs 101 ms, 202 vs 218.
 _WINOGRAD_INFER_MIN_PIXELS = 1024
+# Below this many pixels in the batch (4x4 maps at batch 8, 8x8 at batch 2) every pass of a Winograd
+# conv is im2col matmuls instead, the forward's and its autodiff gradients: with 32 tiles per matmul
+# the 16-matmul form is overhead. Whole VGG16 / VGG11 training at 32 px: batch 2 36 vs 67 ms, batch 8
+# 106 vs 118 ms and 48 vs 58 ms; at batch 16 (256 pixels) equal, at batch 32 Winograd 157 vs 170 ms.
+_WINOGRAD_MIN_BATCH_PIXELS = 256
 _WINOGRAD_MIN_CHANNELS = 64
 # Its filter gradient also wins on 112x112 maps, when the conv has at least this many input channels
 # (64-channel inputs keep the blocked loop or XLA's).
@@ -366,7 +372,9 @@ def make_conv_general_dilated(impl: str = "auto"):
             return plain()
         winograd = rhs.shape[0] == 3 and _winograd_fits(lhs.shape, rhs.shape[2], rhs.shape[3], lhs.dtype,
                                                          max_pixels=_WINOGRAD_MAX_PIXELS)
-        if lhs.shape[1] * lhs.shape[2] <= _MAX_IM2COL_PIXELS and not winograd:
+        tiny_map = lhs.shape[1] * lhs.shape[2] <= _MAX_IM2COL_PIXELS
+        small_batch = lhs.shape[0] * lhs.shape[1] * lhs.shape[2] < _WINOGRAD_MIN_BATCH_PIXELS
+        if (tiny_map and not winograd) or (winograd and small_batch):
             return conv_same_im2col(lhs, rhs)
         return conv_same_cpu(lhs, rhs, rhs.shape[0])
 
