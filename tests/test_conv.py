@@ -268,3 +268,39 @@ def test_vgg_inference_matches_xla(batch_norm, batch):
         variables = {**variables, **upd}
     infer = lambda m: jax.jit(lambda v, a: m.apply(v, a, train=False))(variables, x)
     assert _rel(infer(fast), infer(plain)) < 1e-5
+
+
+def test_per_example_grads_under_vmap_match_xla():
+    """jax.vmap(jax.grad) (per-example gradients) goes through the custom VJPs: same as XLA's convs."""
+    kw = dict(config=WIDE, batch_norm=False, head="small", num_classes=5, small_head_width=8)
+    fast, plain = vgg_flax.VGG(conv_impl="cpu", **kw), vgg_flax.VGG(conv_impl="xla", **kw)
+    x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+    params = plain.init(jax.random.key(1), x)["params"]
+
+    def per_example(model):
+        loss = lambda p, xi: model.apply({"params": p}, xi[None], train=False).sum()
+        return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(params, x)
+
+    got, want = per_example(fast), per_example(plain)
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(got),
+                                 jax.tree_util.tree_leaves_with_path(want), strict=True):
+        assert a.shape == b.shape and a.shape[0] == 4, jax.tree_util.keystr(path)
+        assert _rel(a, b) < 1e-4, jax.tree_util.keystr(path)
+
+
+def test_forward_mode_needs_the_xla_path():
+    """The CPU path defines custom VJPs, which JAX cannot differentiate forward (jax.jvp, jax.hessian):
+    conv_impl="xla" can, with the same values."""
+    kw = dict(config=(64, "M", 64), head="small", num_classes=3, small_head_width=8)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    variables = vgg_flax.VGG(conv_impl="xla", **kw).init(jax.random.key(1), x)
+    f = lambda impl: lambda a: vgg_flax.VGG(conv_impl=impl, **kw).apply(variables, a, train=False)
+    t = jax.random.normal(jax.random.key(2), x.shape)
+    y, dy = jax.jvp(f("xla"), (x,), (t,))
+    # Forward mode agrees with reverse mode (of the CPU path): <J t, g> == <t, J^T g>.
+    g = jax.random.normal(jax.random.key(3), y.shape)
+    _, vjp = jax.vjp(f("cpu"), x)
+    lhs, rhs = float(jnp.vdot(dy, g)), float(jnp.vdot(t, vjp(g)[0]))
+    assert abs(lhs - rhs) < 1e-4 * max(abs(lhs), 1.0)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(f("cpu"), (x,), (jnp.ones_like(x),))

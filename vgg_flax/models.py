@@ -203,7 +203,9 @@ class VGG(nn.Module):
       conv_impl: how the convs and pools are computed, not what: "auto" (the fastest measured path
         for the backend: on CPU `vgg_flax.conv`'s Winograd convs, blocked filter gradient and
         elementwise pool; plain XLA elsewhere), "xla" or "cpu". Same outputs and gradients up to
-        rounding (tests/test_conv.py).
+        rounding (tests/test_conv.py); jax.grad and jax.vmap work on all. The CPU path defines
+        custom VJPs, which JAX cannot differentiate forward: for jax.jvp, jax.jacfwd or
+        jax.hessian on CPU use "xla".
       remat_blocks: rematerialise each conv block (`nn.remat` over its convs, BN, ReLUs and pool):
         only block outputs are kept for the backward pass, the rest is recomputed block by block.
         Same values and parameter names. Meant for large batches on small GPUs (unmeasured there);
