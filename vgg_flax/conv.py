@@ -59,7 +59,7 @@ _WINOGRAD_MIN_SIDE = 4
 # 32 px inference: batch 8 (4x4 maps, 128 pixels) 15 vs 24 ms and 29 vs 47-53 ms, batch 32 (512)
 # 43 vs 51 ms and 105-108 ms either way, batch 64 (1024) Winograd faster: 90 vs 101 ms, 202 vs 218.
 _WINOGRAD_INFER_MIN_PIXELS = 1024
-# Below this many pixels in the batch (4x4 maps at batch 8, 8x8 at batch 2) every pass of a Winograd
+# Below this many pixels in the batch (4x4 maps up to batch 15, 8x8 up to 3) every pass of a Winograd
 # conv is im2col matmuls instead, the forward's and its autodiff gradients: with 32 tiles per matmul
 # the 16-matmul form is overhead. Whole VGG16 / VGG11 training at 32 px: batch 2 36 vs 67 ms, batch 8
 # 106 vs 118 ms and 48 vs 58 ms; at batch 16 (256 pixels) equal, at batch 32 Winograd 157 vs 170 ms.
