@@ -36,8 +36,10 @@ from jax import lax
 CONV_IMPLS = ("auto", "xla", "cpu")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 # Rows of the im2col block (N * R * W) to aim for: small enough for the block's patches to stay in
-# the 32 MiB L3, large enough for each matmul to run near peak.
-_TARGET_BLOCK_ROWS = 4096
+# the 32 MiB L3, large enough for each matmul to run near peak. 2048 (4.7 MiB of patches for 64
+# channels) over 4096: the whole VGG16 step at batch 8 / 224 px 3.55 vs 3.72 s (3 alternating rounds;
+# 1024 rows 3.57-3.59 s in two such runs); 224 px 64->64 filter gradient alone 344-367 vs 371-414 ms.
+_TARGET_BLOCK_ROWS = 2048
 # Below this many output pixels per image XLA's own filter gradient is as fast or faster (measured at
 # low load: 28x28 maps at batch 8 even, 115-229 ms either way; 32x32x64 maps at batch 32 29 ms XLA vs
 # 72 ms blocked; 14x14 and 16x16 maps XLA faster), so the loop is used from 56x56 maps up.
