@@ -50,7 +50,8 @@ _MAX_IM2COL_PIXELS = 4 * 4
 # least _WINOGRAD_MIN_CHANNELS channels in and out: there the 16 matmuls (2.25x fewer multiplies) win.
 # Above it the transforms, memory-bound, cost more than they save (measured per layer at batch 8, see
 # docs/PERFORMANCE.md): 224 and 112 px maps with 64-128 channels keep XLA's conv. On 4x4 maps it
-# also beats the im2col matmul (batch 32, 512 channels: 8 vs 13 ms forward); 2x2 maps stay im2col.
+# also beats the im2col matmul when jitted alone (batch 32, 512 channels: 8 vs 13 ms forward; inside
+# a whole inference program see _WINOGRAD_INFER_MIN_PIXELS); 2x2 maps stay im2col.
 _WINOGRAD_MAX_PIXELS = 56 * 56
 _WINOGRAD_MIN_SIDE = 4
 # ...except in a forward pass that is not differentiated (inference) on maps of at most
@@ -65,6 +66,7 @@ _WINOGRAD_INFER_MIN_PIXELS = 1024
 # conv is im2col matmuls instead, the forward's and its autodiff gradients: with 32 tiles per matmul
 # the 16-matmul form is overhead. Whole VGG16 / VGG11 training at 32 px: batch 2 36 vs 67 ms, batch 8
 # 106 vs 118 ms and 48 vs 58 ms; at batch 16 (256 pixels) equal, at batch 32 Winograd 157 vs 170 ms.
+# Under jax.vmap the batch seen here is the per-example one: vmapped single images take im2col.
 _WINOGRAD_MIN_BATCH_PIXELS = 256
 _WINOGRAD_MIN_CHANNELS = 64
 # Its filter gradient also wins on 112x112 maps, when the conv has at least this many input channels
