@@ -207,12 +207,12 @@ def bench_model(name, args, peak_gflops):
     tfns = {f"torch {v}": torch_runner(name, args, v) for v in variants}
     schedule = common.blocked if args.schedule == "blocked" else common.interleaved
     train_t = schedule({"ours": jtrain} | {k: f[0] for k, f in tfns.items()},
-                                 warmup=args.warmup, repeats=args.repeats)
+                       warmup=args.warmup, repeats=args.repeats)
     rss_all = common.peak_rss_gib()
     infer_t = {}
     if not args.no_inference:
         infer_t = schedule({"ours": jinfer} | {k: f[1] for k, f in tfns.items()},
-                                     warmup=args.warmup, repeats=args.repeats)
+                           warmup=args.warmup, repeats=args.repeats)
     print(f"{name}: XLA compile {info['compile_s']:.1f} s (trace+lower {info['trace_s']:.1f} s), "
           f"XLA train step footprint {info['xla_gib']:.2f} GiB, device peak {info['device_peak']}, "
           f"host peak RSS {rss0:.2f} -> {rss_jax:.2f} GiB after ours, {rss_all:.2f} GiB after training steps "
@@ -252,8 +252,8 @@ def main(argv=None):
     print(common.header([sys.argv[0], *argv]), flush=True)
     print(f"batch {args.batch}, image {args.image_size}, head {args.head}, classes {args.classes}, "
           f"{args.dtype}, warmup {args.warmup}, repeats {args.repeats} ({args.schedule}), conv {args.conv}, "
-          f"step {args.step}, "
-          f"torch {args.torch}{' channels_last' if args.channels_last else ''}, devices {jax.devices()}",
+          f"step {args.step}, torch {args.torch}{' channels_last' if args.channels_last else ''}, "
+          f"devices {jax.devices()}",
           flush=True)
     size = 4096 if jax.default_backend() == "cpu" else 8192
     measured = common.matmul_gflops(size=size, dtype=args.dtype)

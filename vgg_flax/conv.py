@@ -132,6 +132,11 @@ def _winograd_fits(shape, c: int, d: int, dtype, *, max_pixels: int) -> bool:
             and min(c, d) >= _WINOGRAD_MIN_CHANNELS)
 
 
+def _winograd_conv(shape, ksize: int, c: int, d: int, dtype) -> bool:
+    """True where a conv's forward (and its input gradient) is Winograd: 3x3 and `_winograd_fits`."""
+    return ksize == 3 and _winograd_fits(shape, c, d, dtype, max_pixels=_WINOGRAD_MAX_PIXELS)
+
+
 def _g_rows(a0, a1, a2):
     """G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]] applied along one axis."""
     return [a0, (a0 + a1 + a2) * 0.5, (a0 - a1 + a2) * 0.5, a2]
@@ -176,18 +181,19 @@ def _winograd_output(m: list[jax.Array], n: int, h: int, w: int) -> jax.Array:
     return jnp.stack(out_rows, axis=2).reshape(n, h, w, d)  # [n, h/2, 2, w/2, 2, d]
 
 
+def _a_rows(y0, y1):
+    """A = [[1, 0], [1, 1], [1, -1], [0, -1]] applied along one axis (2 -> 4): A^T's transpose."""
+    return [y0, y0 + y1, y0 - y1, -y1]
+
+
 def _winograd_grad_tiles(g: jax.Array) -> list[jax.Array]:
     """A dY A^T for every 2x2 output tile (the output transform's transpose): 16 float[T, D]."""
     n, h, w, d = g.shape
     t = g.reshape(n, h // 2, 2, w // 2, 2, d)
-
-    def a_rows(y0, y1):  # A = [[1, 0], [1, 1], [1, -1], [0, -1]]
-        return [y0, y0 + y1, y0 - y1, -y1]
-
-    rows = a_rows(t[:, :, 0], t[:, :, 1])  # each [n, h/2, w/2, 2, d]
+    rows = _a_rows(t[:, :, 0], t[:, :, 1])  # each [n, h/2, w/2, 2, d]
     tiles = []
     for r in rows:
-        tiles += a_rows(r[:, :, :, 0], r[:, :, :, 1])
+        tiles += _a_rows(r[:, :, :, 0], r[:, :, :, 1])
     return [x.reshape(-1, d) for x in tiles]
 
 
@@ -288,8 +294,7 @@ def conv_same_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def _conv_same_forward(x: jax.Array, kernel: jax.Array, ksize: int, *, differentiated: bool) -> jax.Array:
     """`conv_same_cpu`'s forward pass; `differentiated` is False when no gradient will follow."""
     p = ksize // 2
-    if ksize == 3 and _winograd_fits(x.shape, x.shape[-1], kernel.shape[-1], x.dtype,
-                                     max_pixels=_WINOGRAD_MAX_PIXELS):
+    if _winograd_conv(x.shape, ksize, x.shape[-1], kernel.shape[-1], x.dtype):
         n, h, w, _ = x.shape
         if not differentiated and h * w <= _MAX_IM2COL_PIXELS and n * h * w < _WINOGRAD_INFER_MIN_PIXELS:
             return conv_same_im2col(x, kernel)
@@ -301,7 +306,7 @@ def _conv_same_forward(x: jax.Array, kernel: jax.Array, ksize: int, *, different
 def conv_same_cpu(x: jax.Array, kernel: jax.Array, ksize: int) -> jax.Array:
     """A stride-1 "same" conv (NHWC, HWIO) with the fastest measured form of each pass on CPU.
 
-    Forward and input gradient: Winograd where `_winograd_fits`, else XLA's conv (the forward is then
+    Forward and input gradient: Winograd where `_winograd_conv`, else XLA's conv (the forward is then
     exactly `lax.conv_general_dilated`); an inference forward on a small batch of 4x4 maps is one
     im2col matmul instead (`_WINOGRAD_INFER_MIN_PIXELS`). Filter gradient: Winograd (128+ input
     channels, maps up to 112x112), else `filter_grad_blocked` on maps of 56x56 and larger, else XLA's.
@@ -319,7 +324,7 @@ def _bwd(ksize, residuals, g):
     c, d = x.shape[-1], g.shape[-1]
     # Input gradient: a "same" conv of g with the flipped, transposed kernel: Winograd where the
     # forward would be, else XLA's own transpose (already fast).
-    if ksize == 3 and _winograd_fits(g.shape, d, c, g.dtype, max_pixels=_WINOGRAD_MAX_PIXELS):
+    if _winograd_conv(g.shape, ksize, d, c, g.dtype):
         dx = winograd_input_grad(g, kernel)
     else:
         _, vjp_x = jax.vjp(lambda x_: _plain(x_, kernel, ((p, p), (p, p))), x)
@@ -374,8 +379,7 @@ def make_conv_general_dilated(impl: str = "auto"):
                 or not _is_same_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                      dimension_numbers, feature_group_count)):
             return plain()
-        winograd = rhs.shape[0] == 3 and _winograd_fits(lhs.shape, rhs.shape[2], rhs.shape[3], lhs.dtype,
-                                                         max_pixels=_WINOGRAD_MAX_PIXELS)
+        winograd = _winograd_conv(lhs.shape, rhs.shape[0], rhs.shape[2], rhs.shape[3], lhs.dtype)
         tiny_map = lhs.shape[1] * lhs.shape[2] <= _MAX_IM2COL_PIXELS
         small_batch = lhs.shape[0] * lhs.shape[1] * lhs.shape[2] < _WINOGRAD_MIN_BATCH_PIXELS
         if (tiny_map and not winograd) or (winograd and small_batch):
