@@ -79,7 +79,7 @@ def main() -> None:
     import torchvision
     from safetensors.torch import save_file
 
-    from vgg_flax import weights
+    from vgg_flax.convert import weights
 
     print(_header(sys.argv))
     state = getattr(torchvision.models, args.model)().state_dict()

@@ -58,7 +58,7 @@ def jpeg_stream(jpegs: list[bytes], *, batch_size: int, threads: int, train: boo
     """The pipeline over in-memory JPEG bytes, exactly as for a TFDS split (decode after shuffle)."""
     import tensorflow as tf
 
-    from vgg_flax import input_pipeline as ip
+    from vgg_flax.data import pipeline as ip
     from vgg_flax import preprocessing
 
     raw = tf.data.Dataset.from_tensor_slices({"raw": jpegs, "label": np.zeros(len(jpegs), np.int32)})
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
 
 
 def run_cases(args, jpegs: list[bytes], digits_dir: str) -> None:
-    from vgg_flax import input_pipeline as ip
+    from vgg_flax.data import pipeline as ip
 
     print(f"\n{'case':<30} {'threads':>7} {'images/s':>10} {'per thread':>11}")
     for name in args.cases.split(","):

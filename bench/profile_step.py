@@ -78,7 +78,7 @@ def conv_shapes(name, size):
 def layer_fns(shape, impl, batch):
     import jax
 
-    from vgg_flax import conv
+    from vgg_flax.ops import conv
 
     h, c, d, k = shape
     f = conv.make_conv_general_dilated(impl)

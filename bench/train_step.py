@@ -65,7 +65,7 @@ def jax_runner(name, args):
     import optax
 
     import vgg_flax
-    from vgg_flax import optim, steps
+    from vgg_flax.train import optim, steps
 
     model = vgg_flax.get_model(name, num_classes=args.classes, head=args.head, conv_impl=args.conv,
                                dtype=jnp.dtype(args.dtype))

@@ -145,7 +145,7 @@ def test_digits_test_split_is_counted_exactly(tmp_path):
 
 def test_cli_eval_prints_and_saves_the_table(tiny, image_folder, tmp_path, capsys):
     from vgg_flax import cli
-    from vgg_flax.weights import save_pretrained
+    from vgg_flax.convert.weights import save_pretrained
 
     model, variables = tiny
     weights = tmp_path / "tiny.safetensors"
@@ -168,7 +168,8 @@ def test_cli_eval_reads_a_training_workdir(tmp_path, capsys):
     """`vgg-flax eval --workdir` takes the model, dataset, split and preset from a real (2-step) run."""
     import importlib.util
 
-    from vgg_flax import cli, training
+    from vgg_flax import cli
+    from vgg_flax.train import loop as training
 
     spec = importlib.util.spec_from_file_location(
         "default_config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))

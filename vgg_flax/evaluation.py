@@ -85,7 +85,7 @@ def posteriors(model, variables, name: str, split: str, *, protocol: str, scale:
     share of the split. For "multicrop" the network sees batch_size * 2 * grid**2 crops per call;
     dense_images="whole" evaluates one whole image per call on one device (see the module docstring).
     """
-    from vgg_flax import input_pipeline
+    from vgg_flax.data import pipeline as input_pipeline
 
     if dense_images not in ("square", "whole"):
         raise KeyError(f"dense_images must be 'square' or 'whole', not {dense_images!r}")
@@ -193,7 +193,7 @@ def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,
     Returns:
       {protocol: {"top1", "top5" (fractions), "count" (examples), "scales" (list)}}.
     """
-    from vgg_flax import input_pipeline
+    from vgg_flax.data import pipeline as input_pipeline
 
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:

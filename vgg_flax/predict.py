@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from vgg_flax import preprocessing, weights
+from vgg_flax import preprocessing
+from vgg_flax.convert import weights
 
 
 def load_image(path: str | os.PathLike, norm: preprocessing.Normalization) -> np.ndarray:

@@ -32,7 +32,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from vgg_flax import convert
+    from vgg_flax.convert import torchvision as convert
 
     r = convert.convert_file(args.src, args.dst, head=args.head, verify_hash=not args.no_verify_hash,
                              check=not args.no_check)
@@ -70,13 +70,13 @@ def _eval_source(args: argparse.Namespace):
     if bool(args.weights) == bool(args.workdir):
         raise SystemExit("vgg-flax eval: give exactly one of --weights and --workdir")
     if args.weights:
-        from vgg_flax import weights
+        from vgg_flax.convert import weights
 
         model, variables = weights.load_pretrained(args.weights)
         meta = weights.pretrained_metadata(args.weights)
         return model, variables, {"normalization": meta["preprocessing"], "split": "validation",
                                   "image_size": 224, "data_dir": None, "dataset": None}
-    from vgg_flax import checkpoints
+    from vgg_flax.train import checkpoints
 
     model, variables = checkpoints.load_for_inference(args.workdir, which=args.which)
     cfg = checkpoints.read_config(args.workdir)
@@ -110,7 +110,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """Hands every argument after `train` to the absl program (argparse would eat `--flags`)."""
-    from vgg_flax import train_app
+    from vgg_flax.cli import train_app
 
     train_app.run(["vgg-flax train", *args.flags])
     return 0

@@ -22,7 +22,7 @@ pass below 256 pixels in the batch, and a forward without gradient on 4x4 maps b
 `conv_general_dilated` below has `lax.conv_general_dilated`'s signature so it can be handed to
 `flax.linen.Conv(conv_general_dilated=...)`: parameters and names stay those of the plain module;
 outputs are bit-identical where XLA's conv is kept, otherwise equal up to rounding (~1e-6 relative),
-and gradients equal up to rounding (tests/test_conv.py).
+and gradients equal up to rounding (tests/ops/test_conv.py).
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     16 matmuls float[N H W / 4, C] x float[C, D] with 2.25x fewer FLOPs; the input, kernel and output
     transforms are additions only (and halvings of the kernel). On maps of 4x4 to 56x56 with 64+
     channels this beats XLA:CPU's convolution by 1.2-2x (docs/PERFORMANCE.md). The result differs from
-    the direct conv by rounding only (~1e-6 relative in fp32; tested in tests/test_conv.py).
+    the direct conv by rounding only (~1e-6 relative in fp32; tested in tests/ops/test_conv.py).
 
     Args:
       x: float[N, H, W, C]; kernel: float[3, 3, C, D].

@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from vgg_flax import preprocessing
-from vgg_flax.datasets import EMBEDDED, folder
+from vgg_flax.data import folder
+from vgg_flax.data.embedded import EMBEDDED
 
 AUGMENTATIONS = ("paper", "inception", "shift", "flip", "none")
 EVAL_VIEWS = ("center", "full", "multicrop", "whole")
@@ -112,7 +113,7 @@ def _tfds_builder(name: str, data_dir: str | None, *, download: bool):
     import tensorflow_datasets as tfds
 
     if name in EMBEDDED:
-        from vgg_flax.datasets import get_builder_class
+        from vgg_flax.data.embedded import get_builder_class
 
         cls = get_builder_class(name)
         builder = cls(data_dir=data_dir)
@@ -321,7 +322,7 @@ def _options(threads: int | None):
 def _train_stream(source, *, batch_size, image_size, seed, start_step, augment, norm, opts):
     import tensorflow as tf
 
-    from vgg_flax.datasets import transforms
+    from vgg_flax.data import transforms
 
     n = source.shares[source.index]
     if n < batch_size:
@@ -335,7 +336,7 @@ def _train_stream(source, *, batch_size, image_size, seed, start_step, augment, 
 
     first = start_step * batch_size
     if source.records is not None and not decoded and n > buffer:  # Large TFRecord split: blocks.
-        from vgg_flax.datasets import blocks
+        from vgg_flax.data import blocks
 
         instructions, parse = source.records
         stream = blocks.record_stream(blocks.cut_blocks(instructions, buffer), key=base, block=buffer,
@@ -365,7 +366,7 @@ def default_eval_resize(image_size: int, fixed_size: bool, norm: preprocessing.N
 def _eval_stream(source, *, batch_size, image_size, norm, opts):
     import tensorflow as tf
 
-    from vgg_flax.datasets import transforms
+    from vgg_flax.data import transforms
 
     resize = opts["eval_resize"] or default_eval_resize(image_size, source.fixed_size, norm)
     if opts["eval_views"] == "whole" and batch_size != 1:

@@ -23,7 +23,7 @@ from ml_collections import config_flags
 # configs/ lives beside the package in the repository (an editable install); config files import
 # each other as the `configs` package, so the repository root must be importable (it is for
 # `python train.py`, not for the `vgg-flax` entry point).
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "default.py")
 if os.path.isdir(os.path.join(REPO_ROOT, "configs")) and REPO_ROOT not in sys.path:
     sys.path.append(REPO_ROOT)
@@ -46,7 +46,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_quiet_orbax)
-    from vgg_flax import perf, training  # after flag parsing: importing JAX is slow
+    from vgg_flax import perf
+    from vgg_flax.train import loop as training  # after flag parsing: importing JAX is slow
 
     cache = perf.enable_compilation_cache()  # a restarted run loads its compiled steps from disk
     logging.info("compilation cache: %s", cache or "off")

@@ -2,7 +2,7 @@
 corrupt-checkpoint fallback, bad-config errors, gradient accumulation, optimizers and warm starts.
 
 Runs that need a fresh JAX (forced device counts, jax.distributed) are subprocesses of
-tests/train_harness.py; the rest run in this process on its single CPU device.
+tests/train/train_harness.py; the rest run in this process on its single CPU device.
 """
 
 import json
@@ -21,9 +21,10 @@ import pytest
 import train_harness
 from train_harness import FakeDatasets, flat_params, tiny_config
 
-from vgg_flax import checkpoints, optim, steps, training, warm_start
+from vgg_flax.train import checkpoints, optim, steps, warm_start
+from vgg_flax.train import loop as training
 
-HARNESS = os.path.join(train_harness.ROOT, "tests", "train_harness.py")
+HARNESS = os.path.join(train_harness.ROOT, "tests", "train", "train_harness.py")
 
 
 def _env(devices: int, **extra) -> dict:
@@ -292,7 +293,7 @@ def test_architecture_strings():
 
 def test_fine_tune_from_pretrained_file_new_head(tmp_path):
     """A save_pretrained file (as `vgg-flax convert` writes) with 3 classes into a 5-class run."""
-    from vgg_flax import weights
+    from vgg_flax.convert import weights
 
     src = _train(tmp_path / "src", num_train_steps=1)
     model, _ = checkpoints.load_for_inference(str(tmp_path / "src"))
@@ -338,7 +339,7 @@ def test_every_config_is_locked_valid_and_builds(name):
 
 
 def test_metrics_log_rows_tensorboard_and_resume_truncation(tmp_path):
-    from vgg_flax import metrics_log
+    from vgg_flax.train import metrics_log
 
     log = metrics_log.MetricsLogger(str(tmp_path), total_steps=4, tensorboard=True, progress="lines")
     for step in (1, 2, 3):

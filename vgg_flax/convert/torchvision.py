@@ -28,9 +28,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from vgg_flax import weights
+from vgg_flax.convert import weights
 from vgg_flax.models import CONFIGS, FC_POOL_SIZE, VGG, layer_names, resolve_config
-from vgg_flax.weights import ConversionError
+from vgg_flax.convert.weights import ConversionError
 
 _KH, _KW = FC_POOL_SIZE
 
@@ -348,7 +348,7 @@ def convert_file(source: str | os.PathLike, destination: str | os.PathLike, *,
     sha256, hash_prefix (verified, or None), max_abs_diff / max_abs_logit (None without torch).
     """
     from vgg_flax.models import count_params
-    from vgg_flax.torch_check import self_check
+    from vgg_flax.convert.torch_check import self_check
 
     prefix, sha256 = weights.verify_hash_prefix(source) if verify_hash else (None, None)
     model, variables, arch = _convert(weights.read_state_dict(source), head, os.fspath(source), {})

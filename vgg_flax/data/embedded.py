@@ -1,6 +1,6 @@
 """Datasets that ship with vgg-flax, as TFDS builders built locally (no download).
 
-Importing this package does not import TensorFlow; `get_builder_class` imports the builder module (which
+Importing this module does not import TensorFlow; `get_builder_class` imports the builder module (which
 registers the builder with TFDS) only when a pipeline asks for it.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 # Builder name (what `create_dataset` accepts) -> "module:class", imported on demand.
-EMBEDDED = {"sklearn_digits": "vgg_flax.datasets.sklearn_digits:SklearnDigits"}
+EMBEDDED = {"sklearn_digits": "vgg_flax.data.sklearn_digits:SklearnDigits"}
 
 
 def get_builder_class(name: str):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import vgg_flax
-from vgg_flax import conv
+from vgg_flax.ops import conv
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 

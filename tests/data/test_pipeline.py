@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vgg_flax import input_pipeline as ip
+from vgg_flax.data import pipeline as ip
 from vgg_flax import preprocessing
-from vgg_flax.datasets import folder
+from vgg_flax.data import folder
 
 try:  # torch must be imported before TensorFlow initialises, or importing it later segfaults.
     import torchvision
@@ -36,7 +36,7 @@ def _digits(digits_dir, split, **kw):
 def test_digits_builder_is_the_sklearn_data_split_exactly(digits_dir):
     from sklearn.datasets import load_digits
 
-    from vgg_flax.datasets.sklearn_digits import split_indices, upsample
+    from vgg_flax.data.sklearn_digits import split_indices, upsample
 
     info = ip.dataset_info(DIGITS, data_dir=digits_dir)
     assert (info.num_classes, info.image_shape) == (10, (32, 32, 3))
@@ -72,7 +72,7 @@ def test_augmentations_keep_shape_dtype_and_range(digits_dir, augment, normaliza
 @pytest.mark.parametrize("shape,short", [((375, 500), 256), ((500, 333), 512), ((64, 48), 40),
                                          ((40, 40), 97)])
 def test_resized_window_equals_resizing_everything_then_slicing(shape, short):
-    from vgg_flax.datasets import transforms
+    from vgg_flax.data import transforms
 
     image = np.random.default_rng(1).integers(0, 256, shape + (3,), dtype=np.uint8)
     full = transforms.resize_short_side(image, short).numpy()
@@ -126,7 +126,7 @@ def test_training_shards_are_disjoint_per_process(digits_dir):
 
 
 def test_cut_blocks_keeps_every_record_once_in_order():
-    from vgg_flax.datasets import blocks
+    from vgg_flax.data import blocks
 
     b = blocks.cut_blocks([("a", 0, 5), ("b", 2, 7)], 4)
     pieces = list(zip(b.files.tolist(), b.skips.tolist(), b.takes.tolist(), strict=True))
@@ -139,7 +139,7 @@ def test_block_stream_visits_whole_blocks_and_resumes_anywhere(digits_dir):
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    from vgg_flax.datasets import blocks
+    from vgg_flax.data import blocks
 
     info = tfds.builder(DIGITS, data_dir=digits_dir).info
     fi = info.splits["train"].file_instructions

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_flax import checkpoints as ckpt_lib
-from vgg_flax import metrics_log, optim, steps, warm_start
+from vgg_flax.train import checkpoints as ckpt_lib
+from vgg_flax.train import metrics_log, optim, steps, warm_start
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -56,7 +56,7 @@ def initialize_distributed(enabled: bool) -> None:
 
 
 def _datasets_module():
-    from vgg_flax import input_pipeline
+    from vgg_flax.data import pipeline as input_pipeline
 
     return input_pipeline
 
@@ -97,7 +97,7 @@ def initial_variables(config, model, rng: jax.Array) -> dict:
         _, net_a = ckpt_lib.load_for_inference(config.warm_start_from)
         return warm_start.paper_warm_start(variables, net_a)
     if config.pretrained:
-        from vgg_flax import weights  # a `vgg-flax convert` output (safetensors + metadata)
+        from vgg_flax.convert import weights  # a `vgg-flax convert` output (safetensors + metadata)
 
         _, source = weights.load_pretrained(config.pretrained)
         source = jax.device_get(source)

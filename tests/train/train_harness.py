@@ -6,7 +6,7 @@ can be compared with one-device runs on exactly the same global batches. Run as 
 one config in a fresh process (so XLA_FLAGS / jax.distributed can be set before JAX starts) and
 saves the final parameters to an .npz file:
 
-    python tests/train_harness.py WORKDIR OUT.npz '{"num_train_steps": 6}' [--nan-at 3] [--sleep 0.1]
+    python tests/train/train_harness.py WORKDIR OUT.npz '{"num_train_steps": 6}' [--nan-at 3] [--sleep 0.1]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZE = 32
 EVAL_EXAMPLES = 50  # not a multiple of the eval batch: the padded, masked tail is exercised
 
@@ -132,7 +132,7 @@ def main(argv: list[str]) -> int:
     workdir, out_path, overrides = argv[0], argv[1], json.loads(argv[2])
     nan_at = int(argv[argv.index("--nan-at") + 1]) if "--nan-at" in argv else -1
     sleep = float(argv[argv.index("--sleep") + 1]) if "--sleep" in argv else 0.0
-    from vgg_flax import training
+    from vgg_flax.train import loop as training
 
     training.initialize_distributed("JAX_COORDINATOR_ADDRESS" in os.environ)
     state = training.train_and_evaluate(tiny_config(**overrides), workdir,

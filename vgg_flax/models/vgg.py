@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_flax.conv import make_conv_general_dilated, max_pool_2x2, resolve_impl
+from vgg_flax.ops.conv import make_conv_general_dilated, max_pool_2x2, resolve_impl
 
 # A config entry is a conv width (3x3 conv), "M" (2x2/2 max-pool), "LRN" (local response
 # normalisation) or a (width, kernel_size) pair for other square kernels such as config C's 1x1.
@@ -203,7 +203,7 @@ class VGG(nn.Module):
       conv_impl: how the convs and pools are computed, not what: "auto" (the fastest measured path
         for the backend: on CPU `vgg_flax.conv`'s Winograd convs, blocked filter gradient and
         elementwise pool; plain XLA elsewhere), "xla" or "cpu". Same outputs and gradients up to
-        rounding (tests/test_conv.py); jax.grad and jax.vmap work on all. The CPU path defines
+        rounding (tests/ops/test_conv.py); jax.grad and jax.vmap work on all. The CPU path defines
         custom VJPs, which JAX cannot differentiate forward: for jax.jvp, jax.jacfwd or
         jax.hessian on CPU use "xla".
       remat_blocks: rematerialise each conv block (`nn.remat` over its convs, BN, ReLUs and pool):

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 import vgg_flax
-from vgg_flax import cli, convert, models, predict, preprocessing, torch_check, weights
-from vgg_flax.weights import ConversionError
+from vgg_flax import cli, models, predict, preprocessing
+from vgg_flax.convert import torch_check, weights
+from vgg_flax.convert import torchvision as convert
+from vgg_flax.convert.weights import ConversionError
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
