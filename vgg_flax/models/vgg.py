@@ -27,8 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from vgg_flax.models.configs import (
-    bn_name, config_to_json, conv_width, is_conv_layer, is_pool_layer, layer_names, parse_config,
-    relu_name, stage_name, stages,
+    bn_name,
+    config_to_json,
+    conv_width,
+    is_conv_layer,
+    is_pool_layer,
+    layer_names,
+    parse_config,
+    relu_name,
+    stage_name,
+    stages,
 )
 from vgg_flax.models.heads import get_head
 from vgg_flax.models.layers import initializers, local_response_norm
