@@ -95,6 +95,11 @@ def test_the_contract_names_the_model_s_own_layers():
     assert [models.relu_name(n) for n in convs] == [t for t in taps if t.startswith("relu")]
     assert all(models.is_feature_layer(t) for t in taps)
     assert models.stage_name("pool5") in taps and "pool5" in models.PYRAMID_TAPS
+    # Layers after the last pool form a block of their own.
+    open_end = VGG(config=(8, "M", 16, (16, 1)), head="none")
+    out = jax.eval_shape(open_end.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    assert set(out["params"]) == {"conv1_1", "conv2_1", "conv2_2"}
+    assert [len(s) for s in models.configs.stages((8, "M", 16, (16, 1)))] == [2, 2]
 
 
 @pytest.mark.parametrize("head", models.HEADS)
