@@ -157,3 +157,24 @@ def test_cli_models_prints_the_table(capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split() == ["vgg11", "A", "no", "132,863,336"]
     assert lines[2].split() == ["vgg16_bn", "D", "yes", "138,365,992"]
+
+
+def test_load_pretrained_reads_a_file_written_before_to_config(tmp_path):
+    from safetensors.numpy import save_file
+
+    from vgg_flax.convert import weights
+
+    model = VGG(config=TINY, batch_norm=True, head="small", num_classes=3, small_head_width=0)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    old = {"config": [list(e) if isinstance(e, tuple) else e for e in TINY], "batch_norm": True,
+           "head": "small", "num_classes": 3, "dropout_rate": 0.5, "fc_width": 4096,
+           "small_head_width": 0}
+    flat = {k: np.asarray(v) for k, v in weights.flatten_variables(variables).items()}
+    path = str(tmp_path / "old.safetensors")
+    save_file(flat, path, metadata={"format": weights.FORMAT, "model": json.dumps(old),
+                                    "preprocessing": "torchvision", "classes": "null", "source": "",
+                                    "source_sha256": ""})
+    loaded, loaded_vars = weights.load_pretrained(path)
+    assert loaded == model
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    np.testing.assert_array_equal(loaded.apply(loaded_vars, x), model.apply(variables, x))

@@ -1,5 +1,15 @@
 """The VGG networks: the config table and layer names (configs), the layers, the heads and the `VGG`
-module with its builders (vgg)."""
+module with its builders (vgg).
+
+Where to add things (one place each):
+  a layer config (a column of the paper's Table 1)   `CONFIGS` (and `CONFIG_ALIASES`) in configs.py
+  a head                                              a function and a `Head` row of `HEAD_SPECS`
+                                                      in heads.py
+  a builder / variant (e.g. "vgg13_lrn")              a row of `VARIANTS` in vgg.py; `get_model`,
+                                                      `MODELS` and `vgg-flax models` read it
+Models are saved and rebuilt through `VGG.to_config` / `VGG.from_config` (training checkpoints,
+`save_pretrained` files, conversion), the only schema.
+"""
 
 from vgg_flax.models.configs import (
     CONFIG_ALIASES,
