@@ -29,7 +29,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vgg_flax.convert import weights
-from vgg_flax.models import CONFIGS, FC_POOL_SIZE, VGG, layer_names, resolve_config
+from vgg_flax.models import (
+    CONFIGS, FC_POOL_SIZE, VGG, bn_name, classifier_layer, get_head, is_conv_layer, is_feature_layer,
+    last_width, layer_names,
+)
 from vgg_flax.convert.weights import ConversionError
 
 _KH, _KW = FC_POOL_SIZE
@@ -82,7 +85,7 @@ def feature_rules(config, batch_norm: bool) -> tuple[list[Rule], list[str]]:
     """Rules for `features.*` as torchvision's make_layers numbers them, and the keys to ignore."""
     rules, ignored, index, channels = [], [], 0, 3
     for name, entry in layer_names(config):
-        if not name.startswith("conv"):  # a pool or an LRN: one parameterless module
+        if not is_conv_layer(name):  # a pool or an LRN: one parameterless module
             index += 1
             continue
         width, ksize = entry if isinstance(entry, tuple) else (entry, 3)
@@ -91,7 +94,7 @@ def feature_rules(config, batch_norm: bool) -> tuple[list[Rule], list[str]]:
                   Rule(f"features.{index}.bias", ("params", name, "bias"), (width,), "copy")]
         index += 1
         if batch_norm:
-            bn = "bn" + name[4:]
+            bn = bn_name(name)
             for key, path in (("weight", ("params", bn, "scale")), ("bias", ("params", bn, "bias")),
                               ("running_mean", ("batch_stats", bn, "mean")),
                               ("running_var", ("batch_stats", bn, "var"))):
@@ -116,21 +119,17 @@ def classifier_rules(channels: int, fc_width: int, num_classes: int, layout: str
         fc1 = Rule(f"{k1}.weight", ("params", "fc1", "kernel"), (fc_width, channels, _KH, _KW),
                    "fc1_conv")
         fc2 = Rule(f"{k2}.weight", ("params", "fc2", "kernel"), (fc_width, fc_width, 1, 1), "conv1x1")
+    fc3 = classifier_layer("torchvision")
     return [fc1, Rule(f"{k1}.bias", ("params", "fc1", "bias"), (fc_width,), "copy"),
             fc2, Rule(f"{k2}.bias", ("params", "fc2", "bias"), (fc_width,), "copy"),
-            Rule(f"{k3}.weight", ("params", "fc3", "kernel"), (num_classes, fc_width), "linear"),
-            Rule(f"{k3}.bias", ("params", "fc3", "bias"), (num_classes,), "copy")]
-
-
-def _last_width(config) -> int:
-    convs = [e for e in resolve_config(config) if not isinstance(e, str)]
-    return convs[-1][0] if isinstance(convs[-1], tuple) else convs[-1]
+            Rule(f"{k3}.weight", ("params", fc3, "kernel"), (num_classes, fc_width), "linear"),
+            Rule(f"{k3}.bias", ("params", fc3, "bias"), (num_classes,), "copy")]
 
 
 def conversion_rules(arch: Architecture, with_classifier: bool) -> tuple[list[Rule], list[str]]:
     """Every rule for an architecture, and the source keys that are read but deliberately unused."""
     rules, ignored = feature_rules(arch.config, arch.batch_norm)
-    classifier = classifier_rules(_last_width(arch.config), arch.fc_width, arch.num_classes,
+    classifier = classifier_rules(last_width(arch.config), arch.fc_width, arch.num_classes,
                                   arch.layout)
     if with_classifier:
         rules += classifier
@@ -300,12 +299,12 @@ def _convert(state: dict[str, np.ndarray], head: str, where: str, model_kwargs: 
                       "input: normalise with vgg_flax.preprocessing.get_preset('imagenet1k_features').",
                       stacklevel=3)
         head = "none"
-        variables["params"] = {k: v for k, v in variables["params"].items() if not k.startswith("fc")}
+        variables["params"] = {k: v for k, v in variables["params"].items() if is_feature_layer(k)}
     elif nan:
         raise ConversionError(f"{where}: NaN weights in {', '.join(nan)}: a corrupt file")
     fields = {**model_kwargs, "config": arch.config, "batch_norm": arch.batch_norm,
               "num_classes": arch.num_classes, "fc_width": arch.fc_width, "head": head}
-    model = VGG(**fields)
+    model = VGG.from_config(fields)
     weights.check_variables(model, variables, where)
     return model, variables, arch
 
@@ -318,7 +317,7 @@ def to_torchvision(model: VGG, variables: Mapping[str, Any], layout: str = "torc
     it (BatchNorm's `num_batches_tracked`, not tracked in Flax, is exported as 0). Pure transposes:
     `load_torchvision(to_torchvision(m, v))` gives back `v` bit for bit.
     """
-    if model.head == "small":
+    if not get_head(model.head).torchvision_layout:
         raise ConversionError("the 'small' head has no torchvision counterpart; export head='none' "
                               "variables for the features")
     arch = Architecture(model.config, model.batch_norm, model.num_classes, model.fc_width, layout,

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from vgg_flax.models import CONFIG_FIELDS, VGG, get_head
+
 FORMAT = "vgg-flax.pretrained.v1"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -33,9 +35,8 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 _HASH_PREFIX = re.compile(r"-([0-9a-f]{6,64})\.[A-Za-z0-9]+$")
 # Checkpoint wrappers seen in the wild around a bare state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
-# VGG config fields stored with the weights (dtype is a run-time choice, not part of the weights).
-MODEL_FIELDS = ("config", "batch_norm", "head", "num_classes", "dropout_rate", "fc_width",
-                "small_head_width")
+# VGG config fields stored with the weights (`VGG.to_config`; dtype is a run-time choice).
+MODEL_FIELDS = CONFIG_FIELDS
 
 
 class ConversionError(ValueError):
@@ -282,10 +283,7 @@ def unflatten_variables(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 def model_config(model: Any) -> dict[str, Any]:
     """The JSON-able fields of a VGG module that, with the weights, rebuild it."""
-    config = {name: getattr(model, name) for name in MODEL_FIELDS}
-    if not isinstance(config["config"], str):
-        config["config"] = [list(e) if isinstance(e, tuple) else e for e in config["config"]]
-    return config
+    return model.to_config()
 
 
 def check_variables(model: Any, variables: Mapping[str, Any], where: str) -> None:
@@ -293,7 +291,7 @@ def check_variables(model: Any, variables: Mapping[str, Any], where: str) -> Non
     import jax
     import jax.numpy as jnp
 
-    size = 224 if model.head in ("torchvision", "dense") else 32
+    size = get_head(model.head).trace_size
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
     expected = flatten_variables(shapes, leaf=lambda v: tuple(v.shape))
     found = flatten_variables(variables, leaf=lambda v: tuple(v.shape))
@@ -364,13 +362,8 @@ def load_pretrained(path: str | os.PathLike, **overrides) -> tuple[Any, dict[str
     Returns:
       (VGG module, {"params": ..., "batch_stats": ...} of jax arrays).
     """
-    from vgg_flax.models import VGG
-
     meta = pretrained_metadata(path)
-    config = meta["model"]
-    if isinstance(config["config"], list):
-        config["config"] = tuple(tuple(e) if isinstance(e, list) else e for e in config["config"])
-    model = VGG(**{**config, **overrides})
+    model = VGG.from_config(meta["model"], **overrides)
     flat = _read_safetensors(os.fspath(path))
     check_variables(model, unflatten_variables(flat), where=os.fspath(path))
     return model, unflatten_variables({k: to_device(v, v.dtype) for k, v in flat.items()})

@@ -1,7 +1,9 @@
 """VGG networks (Simonyan & Zisserman, 2014, arXiv:1409.1556) as one Flax linen module.
 
-Reading order: the config table, the small pure layers (adaptive pooling, LRN), the `VGG` module,
-then the builders. Images are NHWC. Submodule names are the weight converter's contract:
+Reading order: the `VGG` module, its config pair (`to_config` / `from_config`), then the builders
+from one table. The config table and the layer-name contract are in `configs.py`, the small layers
+in `layers.py`, the heads in `heads.py`. Images are NHWC. Submodule names are the weight converter's
+contract:
 
     conv{b}_{k}, bn{b}_{k}   k-th conv (and its BatchNorm) of block b, both counted from 1
     fc1, fc2, fc3            the classifier ("torchvision" and "dense" heads)
@@ -16,7 +18,7 @@ layer over the channel axis of a map is a 1x1 convolution).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -24,162 +26,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vgg_flax.models.configs import (
+    bn_name,
+    config_to_json,
+    conv_width,
+    is_conv_layer,
+    is_pool_layer,
+    layer_names,
+    parse_config,
+    relu_name,
+    stage_name,
+    stages,
+)
+from vgg_flax.models.heads import get_head
+from vgg_flax.models.layers import initializers, local_response_norm
 from vgg_flax.ops.conv import make_conv_general_dilated, max_pool_2x2, resolve_impl
 
-# A config entry is a conv width (3x3 conv), "M" (2x2/2 max-pool), "LRN" (local response
-# normalisation) or a (width, kernel_size) pair for other square kernels such as config C's 1x1.
-ConfigEntry = int | str | tuple[int, int]
-
-CONFIGS: dict[str, tuple[ConfigEntry, ...]] = {
-    "A": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
-    "A-LRN": (64, "LRN", "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
-    "B": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
-    "C": (64, 64, "M", 128, 128, "M", 256, 256, (256, 1), "M",
-          512, 512, (512, 1), "M", 512, 512, (512, 1), "M"),
-    "D": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
-          512, 512, 512, "M", 512, 512, 512, "M"),
-    "E": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-          512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
-}
-# The torchvision / common names of the paper's configs.
-CONFIG_ALIASES = {"vgg11": "A", "vgg11_lrn": "A-LRN", "vgg13": "B", "vgg16_c": "C",
-                  "vgg16": "D", "vgg19": "E"}
-
-HEADS = ("torchvision", "dense", "none", "small")
 # Six feature-pyramid levels at reductions 1, 2, 4, 8, 16, 32: the activation before each pool
-# (as timm's `features_only`) and the final pooled map. timm's sixth level is its 4096-channel
-# pre-logits map; ours is `pool5` so that the pyramid exists for every head.
+# (as timm's `features_only`) and the final pooled map, which is timm's sixth level too (its
+# `features_only` output after the last pool, equal to our `pool5`), for every head.
 PYRAMID_TAPS = ("stage1", "stage2", "stage3", "stage4", "stage5", "pool5")
-FC_POOL_SIZE = (7, 7)  # torchvision's AdaptiveAvgPool2d((7, 7)); the paper's FC1 receptive field.
-
-
-def resolve_config(config: str | Sequence[ConfigEntry]) -> tuple[ConfigEntry, ...]:
-    """A config name ("D", "vgg16", ...) or a custom list, checked, as a tuple of entries."""
-    if isinstance(config, str):
-        key = CONFIG_ALIASES.get(config, config)
-        if key not in CONFIGS:
-            raise KeyError(f"unknown VGG config {config!r}; valid names: "
-                           f"{sorted(CONFIGS) + sorted(CONFIG_ALIASES)}")
-        return CONFIGS[key]
-    entries = tuple(tuple(e) if isinstance(e, list) else e for e in config)
-    for e in entries:
-        ok = (e in ("M", "LRN") or (isinstance(e, int) and e > 0)
-              or (isinstance(e, tuple) and len(e) == 2 and all(isinstance(v, int) and v > 0
-                                                              for v in e)))
-        if not ok:
-            raise ValueError(f"bad config entry {e!r}: expected a width, 'M', 'LRN' or "
-                             "a (width, kernel_size) pair")
-    return entries
-
-
-def layer_names(config: str | Sequence[ConfigEntry]) -> list[tuple[str, ConfigEntry]]:
-    """(name, entry) for every entry of a config: conv{b}_{k}, lrn{b}, pool{b}."""
-    names, block, k = [], 1, 0
-    for e in resolve_config(config):
-        if e == "M":
-            names.append((f"pool{block}", e))
-            block, k = block + 1, 0
-        elif e == "LRN":
-            names.append((f"lrn{block}", e))
-        else:
-            k += 1
-            names.append((f"conv{block}_{k}", e))
-    return names
-
-
-def _stages(config) -> list[tuple[tuple[str, ConfigEntry], ...]]:
-    """`layer_names` cut into blocks, each ending with its pool (the last may have none)."""
-    stages, current = [], []
-    for name, entry in layer_names(config):
-        current.append((name, entry))
-        if name.startswith("pool"):
-            stages.append(tuple(current))
-            current = []
-    return stages + ([tuple(current)] if current else [])
-
-
-def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
-    """torch.nn.AdaptiveAvgPool2d on NHWC maps, for any input size (also smaller than the output).
-
-    Window i of n outputs over a length-L axis covers [floor(i L / n), ceil((i + 1) L / n)), as in
-    PyTorch. Done as two small averaging matrices, exact for windows that overlap or repeat.
-
-    Args:
-      x: float[N, H, W, C].
-      output_size: (out_h, out_w).
-    Returns:
-      float[N, out_h, out_w, C].
-    """
-    _, h, w, _ = x.shape
-    if (h, w) == tuple(output_size):
-        return x
-    ph = _pool_matrix(h, output_size[0]).astype(x.dtype)
-    pw = _pool_matrix(w, output_size[1]).astype(x.dtype)
-    return jnp.einsum("nhwc,oh,pw->nopc", x, ph, pw, precision=jax.lax.Precision.HIGHEST)
-
-
-@functools.lru_cache(maxsize=64)
-def _pool_matrix(length: int, out: int) -> np.ndarray:
-    m = np.zeros((out, length), np.float32)
-    for i in range(out):
-        start, end = (i * length) // out, -((-(i + 1) * length) // out)
-        m[i, start:end] = 1.0 / (end - start)
-    return m
-
-
-def local_response_norm(x: jax.Array, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
-                        k: float = 2.0) -> jax.Array:
-    """Cross-channel LRN with torch.nn.LocalResponseNorm's semantics (AlexNet's defaults).
-
-    b_c = a_c / (k + alpha / size * sum_{c' in window(c)} a_{c'}^2) ** beta, the window running from
-    c - size // 2 to c + (size - 1) // 2, zero-padded at the ends.
-    """
-    sq = jnp.square(x.astype(jnp.float32))
-    padded = jnp.pad(sq, [(0, 0)] * (x.ndim - 1) + [(size // 2, (size - 1) // 2)])
-    window_sum = jax.lax.reduce_window(padded, 0.0, jax.lax.add,
-                                       (1,) * (x.ndim - 1) + (size,), (1,) * x.ndim, "VALID")
-    div = jnp.power(k + alpha / size * window_sum, beta)
-    return (x.astype(jnp.float32) / div).astype(x.dtype)
-
-
-def _initializers(init: str):
-    """(conv kernel, dense kernel) initialisers.
-
-    "torchvision": kaiming normal (fan_out, ReLU gain) convs, N(0, 0.01) Dense layers.
-    "paper": N(0, 0.01) everywhere. The paper states "10^-2 variance"; the authors' released Caffe
-    definitions used std 0.01, and std 0.1 diverges for deep nets, so std 0.01 it is.
-    """
-    if init == "torchvision":
-        return nn.initializers.variance_scaling(2.0, "fan_out", "normal"), nn.initializers.normal(0.01)
-    if init == "paper":
-        return nn.initializers.normal(0.01), nn.initializers.normal(0.01)
-    raise KeyError(f"unknown init {init!r}; valid: 'torchvision', 'paper'")
-
-
-class DenseAsConv(nn.Module):
-    """A VALID convolution whose kernel is stored as a Dense kernel float[kh * kw * C, features].
-
-    The storage matches the "torchvision" head's fc1 (NHWC flatten order), so one set of weights
-    serves both heads; the paper's dense evaluation slides it over larger maps.
-    """
-
-    features: int
-    window: tuple[int, int]
-    kernel_init: Any = nn.initializers.normal(0.01)
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kh, kw = self.window
-        c = x.shape[-1]
-        kernel = self.param("kernel", self.kernel_init, (kh * kw * c, self.features),
-                            self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.reshape(kh, kw, c, self.features).astype(self.dtype),
-            (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + bias.astype(self.dtype)
+# The fields that, with the weights, describe a trained VGG (`to_config`). The others (dtype,
+# param_dtype, conv_impl, remat_blocks) are run-time choices: `from_config` accepts them too.
+CONFIG_FIELDS = ("config", "batch_norm", "head", "num_classes", "dropout_rate", "fc_width",
+                 "small_head_width", "weight_init")
+_DTYPE_FIELDS = ("dtype", "param_dtype")
 
 
 class VGG(nn.Module):
@@ -192,7 +63,7 @@ class VGG(nn.Module):
       head: "torchvision" (adaptive 7x7 pool, FC-4096, FC-4096, FC-classes), "dense" (the paper's
         dense evaluation: FC layers as 7x7 and 1x1 convs, class scores averaged over the map),
         "none" (the final feature map) or "small" (global average pool and a small classifier,
-        for 32x32-class images).
+        for 32x32-class images); see `vgg_flax.models.heads`.
       num_classes: classifier outputs.
       dropout_rate: dropout after FC1 and FC2 (and the small head's hidden layer) in training.
       fc_width: width of FC1/FC2 (4096 in the paper).
@@ -201,7 +72,7 @@ class VGG(nn.Module):
       dtype: computation dtype (e.g. jnp.bfloat16); logits are returned in float32.
       param_dtype: parameter dtype (float32 by default, also under bf16/fp16 compute).
       conv_impl: how the convs and pools are computed, not what: "auto" (the fastest measured path
-        for the backend: on CPU `vgg_flax.conv`'s Winograd convs, blocked filter gradient and
+        for the backend: on CPU `vgg_flax.ops.conv`'s Winograd convs, blocked filter gradient and
         elementwise pool; plain XLA elsewhere), "xla" or "cpu". Same outputs and gradients up to
         rounding (tests/ops/test_conv.py); jax.grad and jax.vmap work on all. The CPU path defines
         custom VJPs, which JAX cannot differentiate forward: for jax.jvp, jax.jacfwd or
@@ -238,8 +109,7 @@ class VGG(nn.Module):
           float32[N, num_classes] logits (float[N, h, w, C] features for head "none"); with taps,
           a pair (output, {name: activation}).
         """
-        if self.head not in HEADS:
-            raise KeyError(f"unknown head {self.head!r}; valid heads: {HEADS}")
+        head = get_head(self.head)
         wanted = set(taps)
         unknown = wanted - set(self.tap_names())
         if unknown:
@@ -255,34 +125,24 @@ class VGG(nn.Module):
             return value
 
         x = self._features(jnp.asarray(x, self.dtype), train, tap)
-        if self.head == "torchvision":
-            x = self._torchvision_head(x, train, tap)
-        elif self.head == "dense":
-            x = self._dense_head(x, train, tap)
-        elif self.head == "small":
-            x = self._small_head(x, train, tap)
-        if self.head != "none":
-            x = x.astype(jnp.float32)
+        if head.apply is not None:
+            x = head.apply(self, x, train, tap).astype(jnp.float32)
         return (x, found) if taps else x
 
     def tap_names(self) -> list[str]:
         """Every name accepted by `taps`, in network order."""
         names = []
         for name, _ in layer_names(self.config):
-            if name.startswith("conv"):
-                names += [name, "relu" + name[4:]]
-            elif name.startswith("pool"):
-                names += ["stage" + name[4:], name]
+            if is_conv_layer(name):
+                names += [name, relu_name(name)]
+            elif is_pool_layer(name):
+                names += [stage_name(name), name]
             else:
                 names.append(name)
-        if self.head in ("torchvision", "dense", "small"):
-            names.append("pre_logits")
-        if self.head == "dense":
-            names.append("score_map")
-        return names
+        return names + list(get_head(self.head).taps)
 
     def _features(self, x, train, tap):
-        for stage in _stages(self.config):
+        for stage in stages(self.config):
             if self.remat_blocks:  # the taps stay empty: values inside a remat cannot leave it
                 x = nn.remat(VGG._stage, static_argnums=(2, 3, 4))(self, x, stage, train, None)
             else:
@@ -292,86 +152,86 @@ class VGG(nn.Module):
     def _stage(self, x, stage, train, tap):
         """The layers of one block (convs [BN] ReLU, LRN, then its pool), in `_features`' scope."""
         tap = tap or (lambda name, value: value)
-        conv_init, _ = _initializers(self.weight_init)
         for name, entry in stage:
-            if name.startswith("pool"):
-                tap("stage" + name[4:], x)
+            if is_pool_layer(name):
+                tap(stage_name(name), x)
                 x = tap(name, self._max_pool(x))
-            elif name.startswith("lrn"):
-                x = tap(name, local_response_norm(x))
+            elif is_conv_layer(name):
+                x = tap(name, self._conv_bn(x, name, entry, train))
+                x = tap(relu_name(name), nn.relu(x))
             else:
-                width, ksize = entry if isinstance(entry, tuple) else (entry, 3)
-                pad = ksize // 2
-                x = nn.Conv(width, (ksize, ksize), padding=((pad, pad), (pad, pad)),
-                            kernel_init=conv_init, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=name,
-                            conv_general_dilated=make_conv_general_dilated(self.conv_impl))(x)
-                if self.batch_norm:
-                    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                     dtype=self.dtype, param_dtype=self.param_dtype,
-                                     name="bn" + name[4:])(x)
-                tap(name, x)
-                x = tap("relu" + name[4:], nn.relu(x))
+                x = tap(name, local_response_norm(x))
+        return x
+
+    def _conv_bn(self, x, name, entry, train):
+        """The conv `name` and, with batch_norm, its BatchNorm (PyTorch's momentum and eps)."""
+        conv_init, _ = initializers(self.weight_init)
+        width, ksize = conv_width(entry)
+        pad = ksize // 2
+        x = nn.Conv(width, (ksize, ksize), padding=((pad, pad), (pad, pad)), kernel_init=conv_init,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                    conv_general_dilated_cls=functools.partial(make_conv_general_dilated,
+                                                               self.conv_impl))(x)
+        if self.batch_norm:
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                             dtype=self.dtype, param_dtype=self.param_dtype, name=bn_name(name))(x)
         return x
 
     def _max_pool(self, x):
-        """2x2/2 max-pool; on the CPU path with a faster gradient, same values (vgg_flax.conv)."""
+        """2x2/2 max-pool; on the CPU path with a faster gradient, same values (vgg_flax.ops.conv)."""
         if resolve_impl(self.conv_impl) == "cpu":
             return max_pool_2x2(x)
         return nn.max_pool(x, (2, 2), strides=(2, 2))
 
-    def _dense(self, features, name):
-        _, fc_init = _initializers(self.weight_init)
-        return nn.Dense(features, kernel_init=fc_init, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=name)
+    def to_config(self) -> dict[str, Any]:
+        """The JSON-able `CONFIG_FIELDS` that, with the weights, rebuild this model (`from_config`).
 
-    def _dropout(self, x, train):
-        return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        A named config stays a name, a custom one becomes a list with [width, kernel] pairs.
+        """
+        out = {name: getattr(self, name) for name in CONFIG_FIELDS}
+        out["config"] = config_to_json(self.config)
+        return out
 
-    def _torchvision_head(self, x, train, tap):
-        x = adaptive_avg_pool(x, FC_POOL_SIZE)
-        x = x.reshape(x.shape[0], -1)  # NHWC order; the converter permutes torchvision's rows.
-        x = self._dropout(nn.relu(self._dense(self.fc_width, "fc1")(x)), train)
-        x = self._dropout(nn.relu(self._dense(self.fc_width, "fc2")(x)), train)
-        return self._dense(self.num_classes, "fc3")(tap("pre_logits", x))
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **overrides) -> VGG:
+        """The VGG a `to_config` dict (or a training config's `model` section) describes.
 
-    def _dense_head(self, x, train, tap):
-        """The paper's dense evaluation (Sec. 3.2), with timm's pooling of small maps up to 7x7."""
-        kh, kw = FC_POOL_SIZE
-        _, h, w, c = x.shape
-        if h < kh or w < kw:
-            x = adaptive_avg_pool(x, (max(h, kh), max(w, kw)))
-        _, fc_init = _initializers(self.weight_init)
-        x = DenseAsConv(self.fc_width, (kh, kw), kernel_init=fc_init, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name="fc1")(x)
-        x = self._dropout(nn.relu(x), train)
-        x = self._dropout(nn.relu(self._dense(self.fc_width, "fc2")(x)), train)
-        scores = tap("score_map", self._dense(self.num_classes, "fc3")(tap("pre_logits", x)))
-        return scores.astype(jnp.float32).mean(axis=(1, 2))
-
-    def _small_head(self, x, train, tap):
-        x = x.mean(axis=(1, 2))
-        if self.small_head_width:
-            x = self._dense(self.small_head_width, "head_hidden")(x)
-            x = self._dropout(nn.relu(x), train)
-        return self._dense(self.num_classes, "head_out")(tap("pre_logits", x))
+        Args:
+          config: VGG fields; missing ones take their defaults. "config" may be a name, a list (of
+            entries, pairs as lists) or a comma string ("64,M,128,M,256x1,M", `parse_config`);
+            dtypes may be names ("bfloat16").
+          **overrides: fields to change, e.g. head="dense" (same weights) or dtype=jnp.bfloat16.
+        Returns:
+          the VGG module.
+        """
+        fields = {**config, **overrides}
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__) - {"parent", "name"})
+        if unknown:
+            raise KeyError(f"unknown VGG fields {unknown}; valid fields: "
+                           f"{list(CONFIG_FIELDS) + ['dtype', 'param_dtype', 'conv_impl', 'remat_blocks']}")
+        if "config" in fields:
+            fields["config"] = parse_config(fields["config"])
+        for name in _DTYPE_FIELDS:
+            if isinstance(fields.get(name), str):
+                fields[name] = jnp.dtype(fields[name])
+        return cls(**fields)
 
 
-# Builders: torchvision's eight names and the paper-only configs A-LRN and C.
-vgg11 = functools.partial(VGG, config="A")
-vgg11_bn = functools.partial(VGG, config="A", batch_norm=True)
-vgg11_lrn = functools.partial(VGG, config="A-LRN")
-vgg13 = functools.partial(VGG, config="B")
-vgg13_bn = functools.partial(VGG, config="B", batch_norm=True)
-vgg16_c = functools.partial(VGG, config="C")
-vgg16 = functools.partial(VGG, config="D")
-vgg16_bn = functools.partial(VGG, config="D", batch_norm=True)
-vgg19 = functools.partial(VGG, config="E")
-vgg19_bn = functools.partial(VGG, config="E", batch_norm=True)
-
-MODELS = {"vgg11": vgg11, "vgg11_bn": vgg11_bn, "vgg11_lrn": vgg11_lrn, "vgg13": vgg13,
-          "vgg13_bn": vgg13_bn, "vgg16_c": vgg16_c, "vgg16": vgg16, "vgg16_bn": vgg16_bn,
-          "vgg19": vgg19, "vgg19_bn": vgg19_bn}
+# Builders: torchvision's eight names and the paper-only configs A-LRN and C. One row per variant
+# (name: the VGG fields it fixes); `get_model`, `MODELS` and `vgg-flax models` read this table.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "vgg11": {"config": "A"}, "vgg11_bn": {"config": "A", "batch_norm": True},
+    "vgg11_lrn": {"config": "A-LRN"},
+    "vgg13": {"config": "B"}, "vgg13_bn": {"config": "B", "batch_norm": True},
+    "vgg16_c": {"config": "C"},
+    "vgg16": {"config": "D"}, "vgg16_bn": {"config": "D", "batch_norm": True},
+    "vgg19": {"config": "E"}, "vgg19_bn": {"config": "E", "batch_norm": True},
+}
+MODELS = {name: functools.partial(VGG, **fields) for name, fields in VARIANTS.items()}
+# The public names of the builders (vgg_flax.vgg16, ...), the same partials as in MODELS.
+vgg11, vgg11_bn, vgg11_lrn = MODELS["vgg11"], MODELS["vgg11_bn"], MODELS["vgg11_lrn"]
+vgg13, vgg13_bn, vgg16_c = MODELS["vgg13"], MODELS["vgg13_bn"], MODELS["vgg16_c"]
+vgg16, vgg16_bn, vgg19, vgg19_bn = MODELS["vgg16"], MODELS["vgg16_bn"], MODELS["vgg19"], MODELS["vgg19_bn"]
 
 
 def get_model(name: str, **kwargs) -> VGG:

@@ -1,28 +1,25 @@
 """VGG's 3x3 convolution with a CPU-friendly backward pass (a `jax.custom_vjp`), chosen per backend.
 
 Why: XLA's CPU backend computes a convolution's *filter* gradient as a convolution whose window is
-the whole feature map (224x224 for VGG's first block). That runs at 12-35 GFLOP/s on a 2-core AVX-512
-machine, 4-10x below its forward pass, and it was the largest term of a VGG16 training step there (see
-docs/PERFORMANCE.md). Written instead as a loop over blocks of R image rows, each block one im2col
-matmul float[9 C, N R W] x float[N R W, D] whose operands stay in cache, the same gradient runs several
-times faster. On the large maps the forward pass and the input gradient stay XLA's own convolutions:
-those are already fast there. On GPU/TPU the plain `lax.conv_general_dilated` (cuDNN, TPU convs) is
-used unchanged.
+the whole feature map (224x224 for VGG's first block), several times slower than its forward pass,
+and it was the largest term of a VGG16 training step there (docs/PERFORMANCE.md). Written instead as
+a loop over blocks of R image rows, each block one im2col matmul float[9 C, N R W] x float[N R W, D]
+whose operands stay in cache, the same gradient runs several times faster. On the large maps the
+forward pass and the input gradient stay XLA's own convolutions: those are already fast there. On
+GPU/TPU the plain `lax.conv_general_dilated` (cuDNN, TPU convs) is used unchanged.
 
-On fp32 maps of 4x4 to 56x56 pixels with 64+ channels (VGG's blocks 3-5 at 224 px, blocks 1-4 of a
-32 px image) the conv is Winograd F(2x2, 3x3) instead, forward and both gradients: 16 matmuls with
-2.25x fewer multiplies, faster there than XLA's and than PyTorch's oneDNN convs on the same machine.
+On fp32 mid-sized maps with 64+ channels (VGG's blocks 3-5 at 224 px, blocks 1-4 of a 32 px image)
+the conv is Winograd F(2x2, 3x3) instead, forward and both gradients: 16 matmuls with 2.25x fewer
+multiplies. Tiny maps (XLA:CPU's convolution of a 2x2 map is very slow) and small batches are
+im2col matmuls, and the 2x2 max-pool is elementwise (maxima of four slices, with an elementwise
+gradient instead of select-and-scatter). Which kernel computes which pass is decided in one place,
+`vgg_flax.ops.routing.conv_route`, which states the rules; the measurements are in
+docs/PERFORMANCE.md.
 
-Also here, for the same reason: other maps of at most 4x4 pixels (2x2 and 1x1 ones, or few channels;
-XLA:CPU's convolution of a 2x2 map runs at about 1 GFLOP/s) are one im2col matmul, and the 2x2
-max-pool is elementwise (maxima of four slices, with an elementwise gradient instead of
-select-and-scatter). Small batches take im2col where Winograd would not pay for its transforms: every
-pass below 256 pixels in the batch, and a forward without gradient on 4x4 maps below 1024.
-
-`conv_general_dilated` below has `lax.conv_general_dilated`'s signature so it can be handed to
-`flax.linen.Conv(conv_general_dilated=...)`: parameters and names stay those of the plain module;
-outputs are bit-identical where XLA's conv is kept, otherwise equal up to rounding (~1e-6 relative),
-and gradients equal up to rounding (tests/ops/test_conv.py).
+`make_conv_general_dilated(impl)` returns a function with `lax.conv_general_dilated`'s signature,
+for `flax.linen.Conv(conv_general_dilated_cls=...)`: parameters and names stay those of the plain
+module; outputs are bit-identical where XLA's conv is kept, otherwise equal up to rounding (~1e-6
+relative), and gradients equal up to rounding (tests/ops/test_conv.py).
 """
 
 from __future__ import annotations
@@ -33,46 +30,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vgg_flax.ops import routing
+from vgg_flax.ops.routing import conv_route
+
 CONV_IMPLS = ("auto", "xla", "cpu")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 # Rows of the im2col block (N * R * W) to aim for: small enough for the block's patches to stay in
-# the 32 MiB L3, large enough for each matmul to run near peak. 2048 (4.7 MiB of patches for 64
-# channels) over 4096: the whole VGG16 step at batch 8 / 224 px 3.55 vs 3.72 s (3 alternating rounds;
-# 1024 rows 3.57-3.59 s in two such runs); 224 px 64->64 filter gradient alone 344-367 vs 371-414 ms.
+# L3, large enough for each matmul to run near peak (measured in docs/PERFORMANCE.md).
 _TARGET_BLOCK_ROWS = 2048
-# Below this many output pixels per image XLA's own filter gradient is as fast or faster (measured at
-# low load: 28x28 maps at batch 8 even, 115-229 ms either way; 32x32x64 maps at batch 32 29 ms XLA vs
-# 72 ms blocked; 14x14 and 16x16 maps XLA faster), so the loop is used from 56x56 maps up.
-_MIN_PIXELS = 56 * 56
-# At most this many pixels per map the whole conv is one im2col matmul (`conv_same_im2col`).
-_MAX_IM2COL_PIXELS = 4 * 4
-# Winograd F(2x2, 3x3) (`winograd_conv3x3`) for fp32 maps from 4x4 up to this many pixels, with at
-# least _WINOGRAD_MIN_CHANNELS channels in and out: there the 16 matmuls (2.25x fewer multiplies) win.
-# Above it the transforms, memory-bound, cost more than they save (measured per layer at batch 8, see
-# docs/PERFORMANCE.md): 224 and 112 px maps with 64-128 channels keep XLA's conv. On 4x4 maps it
-# also beats the im2col matmul when jitted alone (batch 32, 512 channels: 8 vs 13 ms forward; inside
-# a whole inference program see _WINOGRAD_INFER_MIN_PIXELS); 2x2 maps stay im2col.
-_WINOGRAD_MAX_PIXELS = 56 * 56
-_WINOGRAD_MIN_SIDE = 4
-# ...except in a forward pass that is not differentiated (inference) on maps of at most
-# _MAX_IM2COL_PIXELS with fewer than this many pixels in the whole batch: there the kernel transform
-# (16 [C, D] matrices written, 64 [C, D] reads; 7.6 ms of conv4_2's 20 ms in VGG11 at batch 32, its
-# 9 MiB kernel no longer in cache) outweighs the matmuls it saves, while under `jax.grad` the
-# forward's transformed kernel is shared with the input gradient. Measured on whole VGG11 / VGG16
-# 32 px inference: batch 8 (4x4 maps, 128 pixels) 15 vs 24 ms and 29 vs 47-53 ms, batch 32 (512)
-# 43 vs 51 ms and 105-108 ms either way, batch 64 (1024) Winograd faster: 90 vs 101 ms, 202 vs 218.
-_WINOGRAD_INFER_MIN_PIXELS = 1024
-# Below this many pixels in the batch (4x4 maps up to batch 15, 8x8 up to 3) every pass of a Winograd
-# conv is im2col matmuls instead, the forward's and its autodiff gradients: with 32 tiles per matmul
-# the 16-matmul form is overhead. Whole VGG16 / VGG11 training at 32 px: batch 2 36 vs 67 ms, batch 8
-# 106 vs 118 ms and 48 vs 58 ms; at batch 16 (256 pixels) equal, at batch 32 Winograd 157 vs 170 ms.
-# Under jax.vmap the batch seen here is the per-example one: vmapped single images take im2col.
-_WINOGRAD_MIN_BATCH_PIXELS = 256
-_WINOGRAD_MIN_CHANNELS = 64
-# Its filter gradient also wins on 112x112 maps, when the conv has at least this many input channels
-# (64-channel inputs keep the blocked loop or XLA's).
-_WINOGRAD_DW_MAX_PIXELS = 112 * 112
-_WINOGRAD_DW_MIN_IN_CHANNELS = 128
+# The routing plan's names that tests/ops/test_conv.py reads here.
+_MIN_PIXELS = routing.BLOCKED_MIN_PIXELS
+_WINOGRAD_MAX_PIXELS = routing.WINOGRAD_MAX_PIXELS
+_winograd_fits = routing.winograd_fits
 
 
 def resolve_impl(impl: str) -> str:
@@ -122,19 +91,6 @@ def filter_grad_blocked(x: jax.Array, g: jax.Array, *, ksize: int) -> jax.Array:
     acc = jnp.zeros((ksize * ksize * c, d), jnp.float32)
     acc, _ = lax.scan(block, acc, jnp.arange(h // rows))
     return acc.reshape(ksize, ksize, c, d).astype(x.dtype)
-
-
-def _winograd_fits(shape, c: int, d: int, dtype, *, max_pixels: int) -> bool:
-    """True where Winograd F(2x2, 3x3) is used: fp32, even sides of at least 4, not too large."""
-    _, h, w, _ = shape
-    return (jnp.dtype(dtype) == jnp.float32 and h % 2 == 0 and w % 2 == 0
-            and min(h, w) >= _WINOGRAD_MIN_SIDE and h * w <= max_pixels
-            and min(c, d) >= _WINOGRAD_MIN_CHANNELS)
-
-
-def _winograd_conv(shape, ksize: int, c: int, d: int, dtype) -> bool:
-    """True where a conv's forward (and its input gradient) is Winograd: 3x3 and `_winograd_fits`."""
-    return ksize == 3 and _winograd_fits(shape, c, d, dtype, max_pixels=_WINOGRAD_MAX_PIXELS)
 
 
 def _g_rows(a0, a1, a2):
@@ -202,8 +158,8 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     Why: every 2x2 output tile costs 16 multiplies per (C, D) pair instead of 36, so the conv becomes
     16 matmuls float[N H W / 4, C] x float[C, D] with 2.25x fewer FLOPs; the input, kernel and output
-    transforms are additions only (and halvings of the kernel). On maps of 4x4 to 56x56 with 64+
-    channels this beats XLA:CPU's convolution by 1.2-2x (docs/PERFORMANCE.md). The result differs from
+    transforms are additions only (and halvings of the kernel). Where `routing.conv_route` picks it,
+    it beats XLA:CPU's convolution (docs/PERFORMANCE.md). The result differs from
     the direct conv by rounding only (~1e-6 relative in fp32; tested in tests/ops/test_conv.py).
 
     Args:
@@ -273,9 +229,9 @@ def winograd_filter_grad(x: jax.Array, g: jax.Array) -> jax.Array:
 def conv_same_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """A stride-1 "same" conv as one matmul over explicit patches; autodiff gives matmul gradients.
 
-    For tiny maps (a 32x32 image's 2x2 block-5 maps) XLA's CPU convolution falls off a cliff (about
-    1 GFLOP/s: 0.8 s for one 32x2x2x512 -> 512 conv), while the same work as a matmul float[N H W,
-    9 C] x float[9 C, D] is fast; the patches of such a map are tiny.
+    For tiny maps (a 32x32 image's 2x2 block-5 maps) XLA's CPU convolution falls off a cliff
+    (docs/PERFORMANCE.md), while the same work as a matmul float[N H W, 9 C] x float[9 C, D] is
+    fast; the patches of such a map are tiny.
 
     Args:
       x: float[N, H, W, C]; kernel: float[k, k, C, D].
@@ -294,10 +250,12 @@ def conv_same_im2col(x: jax.Array, kernel: jax.Array) -> jax.Array:
 def _conv_same_forward(x: jax.Array, kernel: jax.Array, ksize: int, *, differentiated: bool) -> jax.Array:
     """`conv_same_cpu`'s forward pass; `differentiated` is False when no gradient will follow."""
     p = ksize // 2
-    if _winograd_conv(x.shape, ksize, x.shape[-1], kernel.shape[-1], x.dtype):
-        n, h, w, _ = x.shape
-        if not differentiated and h * w <= _MAX_IM2COL_PIXELS and n * h * w < _WINOGRAD_INFER_MIN_PIXELS:
-            return conv_same_im2col(x, kernel)
+    n, h, w, c = x.shape
+    route = conv_route("forward" if differentiated else "inference", n, h, w, c, kernel.shape[-1],
+                       ksize=ksize, dtype=x.dtype)
+    if route == "im2col":
+        return conv_same_im2col(x, kernel)
+    if route == "winograd":
         return winograd_conv3x3(x, kernel)
     return _plain(x, kernel, ((p, p), (p, p)))
 
@@ -306,10 +264,9 @@ def _conv_same_forward(x: jax.Array, kernel: jax.Array, ksize: int, *, different
 def conv_same_cpu(x: jax.Array, kernel: jax.Array, ksize: int) -> jax.Array:
     """A stride-1 "same" conv (NHWC, HWIO) with the fastest measured form of each pass on CPU.
 
-    Forward and input gradient: Winograd where `_winograd_conv`, else XLA's conv (the forward is then
-    exactly `lax.conv_general_dilated`); an inference forward on a small batch of 4x4 maps is one
-    im2col matmul instead (`_WINOGRAD_INFER_MIN_PIXELS`). Filter gradient: Winograd (128+ input
-    channels, maps up to 112x112), else `filter_grad_blocked` on maps of 56x56 and larger, else XLA's.
+    Each pass takes the path `routing.conv_route` names: forward and input gradient Winograd or XLA's
+    conv (the forward is then exactly `lax.conv_general_dilated`), an inference forward on a small
+    batch of 4x4 maps one im2col matmul; the filter gradient Winograd, `filter_grad_blocked` or XLA's.
     """
     return _conv_same_forward(x, kernel, ksize, differentiated=False)
 
@@ -321,18 +278,18 @@ def _fwd(x, kernel, ksize):
 def _bwd(ksize, residuals, g):
     x, kernel = residuals
     p = ksize // 2
-    c, d = x.shape[-1], g.shape[-1]
-    # Input gradient: a "same" conv of g with the flipped, transposed kernel: Winograd where the
-    # forward would be, else XLA's own transpose (already fast).
-    if _winograd_conv(g.shape, ksize, d, c, g.dtype):
+    n, h, w, c = x.shape
+    d = g.shape[-1]
+    # Input gradient: a "same" conv of g with the flipped, transposed kernel.
+    if conv_route("input_grad", n, h, w, c, d, ksize=ksize, dtype=g.dtype) == "winograd":
         dx = winograd_input_grad(g, kernel)
     else:
         _, vjp_x = jax.vjp(lambda x_: _plain(x_, kernel, ((p, p), (p, p))), x)
         (dx,) = vjp_x(g)
-    if (ksize == 3 and c >= _WINOGRAD_DW_MIN_IN_CHANNELS
-            and _winograd_fits(x.shape, c, d, x.dtype, max_pixels=_WINOGRAD_DW_MAX_PIXELS)):
+    dk_route = conv_route("filter_grad", n, h, w, c, d, ksize=ksize, dtype=x.dtype)
+    if dk_route == "winograd":
         dk = winograd_filter_grad(x, g)
-    elif x.shape[1] * x.shape[2] >= _MIN_PIXELS and ksize > 1:
+    elif dk_route == "blocked":
         dk = filter_grad_blocked(x, g, ksize=ksize)
     else:
         _, vjp_k = jax.vjp(lambda k_: _plain(x, k_, ((p, p), (p, p))), kernel)
@@ -379,10 +336,9 @@ def make_conv_general_dilated(impl: str = "auto"):
                 or not _is_same_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                      dimension_numbers, feature_group_count)):
             return plain()
-        winograd = _winograd_conv(lhs.shape, rhs.shape[0], rhs.shape[2], rhs.shape[3], lhs.dtype)
-        tiny_map = lhs.shape[1] * lhs.shape[2] <= _MAX_IM2COL_PIXELS
-        small_batch = lhs.shape[0] * lhs.shape[1] * lhs.shape[2] < _WINOGRAD_MIN_BATCH_PIXELS
-        if (tiny_map and not winograd) or (winograd and small_batch):
+        n, h, w, c = lhs.shape
+        if conv_route("dispatch", n, h, w, c, rhs.shape[3], ksize=rhs.shape[0],
+                      dtype=lhs.dtype) == "im2col":
             return conv_same_im2col(lhs, rhs)
         return conv_same_cpu(lhs, rhs, rhs.shape[0])
 
@@ -392,9 +348,9 @@ def make_conv_general_dilated(impl: str = "auto"):
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2/2 VALID max-pool (an odd last row/column is dropped, as `nn.max_pool`), same gradient.
 
-    Why: XLA:CPU's gradient of `reduce_window` max (select-and-scatter) took 324 ms for a
-    8x224x224x64 map, ~0.6 s of a VGG16 step's 5.6 s, where the same gradient as one elementwise pass
-    (mask of the window's first maximum times the upsampled gradient) is memory-bound. Ties go to the
+    Why: XLA:CPU's gradient of `reduce_window` max (select-and-scatter) was a sizeable part of a
+    VGG16 step (docs/PERFORMANCE.md), where the same gradient as one elementwise pass (mask of the
+    window's first maximum times the upsampled gradient) is memory-bound. Ties go to the
     first maximum in row-major window order, as select-and-scatter does.
 
     Args:
@@ -411,7 +367,7 @@ def _pool_even(x):
     n, h, w, c = x.shape
     win = x.reshape(n, h // 2, 2, w // 2, 2, c)
     # Elementwise maxima, not a reduce: XLA:CPU's YNNPACK "reduce" fusions swallowed the pool together
-    # with the convs around it and ran 0.5-1 s slower per VGG16 batch (docs/PERFORMANCE.md).
+    # with the convs around it and ran slower per VGG16 batch (docs/PERFORMANCE.md).
     return jnp.maximum(jnp.maximum(win[:, :, 0, :, 0], win[:, :, 0, :, 1]),
                        jnp.maximum(win[:, :, 1, :, 0], win[:, :, 1, :, 1]))
 

@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from vgg_flax.models import VGG, classifier_in, parse_config
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -196,43 +198,11 @@ def read_config(workdir: str) -> dict:
 
 def model_from_config(model_cfg: dict, *, num_classes: int, dtype: str = "float32"):
     """The VGG module a config's `model` section describes (see configs/default.py)."""
-    import jax.numpy as jnp
-
-    from vgg_flax import models
-
-    kwargs = dict(batch_norm=model_cfg["batch_norm"], head=model_cfg["head"],
-                  num_classes=num_classes, dropout_rate=model_cfg["dropout_rate"],
-                  fc_width=model_cfg["fc_width"], small_head_width=model_cfg["small_head_width"],
-                  weight_init=model_cfg["weight_init"], dtype=jnp.dtype(dtype))
-    return models.VGG(config=parse_architecture(model_cfg["config"]), **kwargs)
+    return VGG.from_config(model_cfg, num_classes=num_classes, dtype=dtype)
 
 
-def parse_architecture(spec) -> str | tuple:
-    """A config name ("D", "vgg16", ...) or a comma list such as "64,M,128,M,256x1,M".
-
-    Entries: a width (3x3 conv), "M" (max-pool), "LRN", or "WIDTHxK" for a KxK conv. A string keeps
-    the config type-stable in a locked ConfigDict and easy to set from the command line.
-    """
-    from vgg_flax import models
-
-    if not isinstance(spec, str):
-        return models.resolve_config(spec)
-    spec = spec.strip()
-    if spec in models.CONFIGS or spec in models.CONFIG_ALIASES:
-        return spec
-    entries = []
-    for token in (t.strip() for t in spec.split(",") if t.strip()):
-        if token.upper() in ("M", "LRN"):
-            entries.append(token.upper())
-        elif "x" in token:
-            width, kernel = token.split("x")
-            entries.append((int(width), int(kernel)))
-        elif token.isdigit():
-            entries.append(int(token))
-        else:
-            raise ValueError(f"bad model.config entry {token!r} in {spec!r}: expected a width, 'M', "
-                             f"'LRN', 'WIDTHxK' or a name from {sorted(models.CONFIGS)}")
-    return models.resolve_config(entries)
+# The old name of `vgg_flax.models.parse_config` (configs' comma strings).
+parse_architecture = parse_config
 
 
 def load_for_inference(workdir: str, *, which: str = "latest"):
@@ -265,7 +235,7 @@ def load_for_inference(workdir: str, *, which: str = "latest"):
 
 def _classifier(params: dict) -> dict:
     """The last classifier layer's parameters (fc3 or head_out)."""
-    for name in ("fc3", "head_out"):
-        if name in params:
-            return {"bias": params[name]["bias"]}
+    name = classifier_in(params)
+    if name is not None:
+        return {"bias": params[name]["bias"]}
     raise CheckpointError("the checkpoint has no classifier layer (fc3 or head_out)")

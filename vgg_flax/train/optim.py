@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vgg_flax.models import is_feature_layer
+
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "plateau", "step", "cosine")
 
@@ -34,7 +36,7 @@ def kernel_mask(params):
 
 def feature_mask(params):
     """True for the convolutional feature extractor (conv*/bn* modules), False for the head."""
-    return {name: jax.tree_util.tree_map(lambda _, n=name: n.startswith(("conv", "bn")), sub)
+    return {name: jax.tree_util.tree_map(lambda _, n=name: is_feature_layer(n), sub)
             for name, sub in params.items()}
 
 

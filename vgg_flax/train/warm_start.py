@@ -17,8 +17,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from vgg_flax.models import CLASSIFIER_LAYERS, bn_name, classifier_in, is_conv_layer
+
 PAPER_WARM_START_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc1", "fc2", "fc3")
-CLASSIFIER_LAYERS = ("fc3", "head_out")
 
 
 class WeightsMismatchError(ValueError):
@@ -26,10 +27,8 @@ class WeightsMismatchError(ValueError):
 
 
 def _class_count(params: Mapping[str, Any]) -> int | None:
-    for name in CLASSIFIER_LAYERS:
-        if name in params:
-            return int(np.shape(params[name]["bias"])[0])
-    return None
+    name = classifier_in(params)
+    return None if name is None else int(np.shape(params[name]["bias"])[0])
 
 
 def check_class_count(source_params: Mapping[str, Any], num_classes: int, what: str) -> None:
@@ -50,10 +49,10 @@ def transplant(target: Mapping[str, Any], source: Mapping[str, Any], layers: Ite
     """
     tgt, src = dict(target.get(collection, {})), source.get(collection, {})
     names = list(layers)
-    names += ["bn" + n[4:] for n in names if n.startswith("conv") and "bn" + n[4:] in tgt]
-    for name in names:
+    bns = [bn_name(n) for n in names if is_conv_layer(n) and bn_name(n) in tgt]
+    for name in names + bns:
         if name not in src or name not in tgt:
-            if strict and not name.startswith("bn"):
+            if strict and name not in bns:
                 raise WeightsMismatchError(f"layer {name!r} is missing from the "
                                            f"{'source' if name not in src else 'target'} network")
             continue
@@ -68,7 +67,7 @@ def transplant(target: Mapping[str, Any], source: Mapping[str, Any], layers: Ite
 
 def paper_warm_start(variables: Mapping[str, Any], net_a: Mapping[str, Any]) -> dict[str, Any]:
     """Variables of a deeper net with net A's first four convs and three FC layers (Sec. 3.1)."""
-    check_class_count(net_a["params"], int(np.shape(variables["params"]["fc3"]["bias"])[0]),
+    check_class_count(net_a["params"], _class_count(variables["params"]),
                       "the net A checkpoint")
     out = dict(variables)
     out["params"] = transplant(variables, net_a, PAPER_WARM_START_LAYERS)
