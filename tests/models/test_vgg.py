@@ -10,9 +10,6 @@ import pytest
 import vgg_flax
 from vgg_flax import models
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
-
 # torchvision's documented parameter counts (docs of torchvision.models.vgg*).
 TORCHVISION_PARAMS = {
     "vgg11": 132_863_336, "vgg11_bn": 132_868_840, "vgg13": 133_047_848,
@@ -31,6 +28,8 @@ def _param_count(model, size=224):
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_PARAMS))
 def test_param_count_equals_torchvision(name):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
     with torch.device("meta"):
         reference = getattr(torchvision.models, name)()
     torch_count = sum(p.numel() for p in reference.parameters())
@@ -106,6 +105,7 @@ def _fc_head(p, fmap):
                                           ((5, 3), (7, 7)), ((1, 1), (7, 7)),
                                           ((20, 31), (3, 5)), ((7, 7), (7, 7))])
 def test_adaptive_avg_pool_matches_pytorch(in_hw, out_hw):
+    torch = pytest.importorskip("torch")
     x = np.random.default_rng(0).normal(size=(2, *in_hw, 4)).astype(np.float32)
     got = vgg_flax.adaptive_avg_pool(jnp.asarray(x), out_hw)
     ref = torch.nn.AdaptiveAvgPool2d(out_hw)(torch.from_numpy(x).permute(0, 3, 1, 2))
@@ -114,6 +114,7 @@ def test_adaptive_avg_pool_matches_pytorch(in_hw, out_hw):
 
 @pytest.mark.parametrize("channels", [1, 3, 7, 64])
 def test_lrn_matches_pytorch(channels):
+    torch = pytest.importorskip("torch")
     x = np.random.default_rng(channels).normal(scale=30.0, size=(2, 5, 6, channels))
     x = x.astype(np.float32)
     got = vgg_flax.local_response_norm(jnp.asarray(x))
