@@ -190,3 +190,121 @@ def test_pca_lighting_is_one_shift_per_image_with_alpha_std_0_1(tmp_path):
     assert np.all((0.07 < alphas.std(axis=0)) & (alphas.std(axis=0) < 0.13)), alphas.std(axis=0)
     none, _ = _train_pixels(name, 1, batch_size=27, image_size=16, augment="paper", color_pca=0.0)
     assert {tuple(np.round(p[0, 0]).astype(int)) for p in none} == set(map(tuple, grid))
+
+
+# ---- evaluation: masks, contiguous shares, "whole" --------------------------------------------------
+
+DIGITS = "sklearn_digits"
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    ip.dataset_info(DIGITS, data_dir=data_dir)  # built locally, no download
+    return data_dir
+
+
+def _eval_rows(name, split, *, batch_size, data_dir=None, **kw):
+    """(images [N, ...], labels, mask) of one process's whole eval stream, batches concatenated."""
+    batches = list(ip.create_dataset(name, split, batch_size=batch_size, train=False, image_size=32,
+                                     data_dir=data_dir, normalization="symmetric", **kw))
+    cat = lambda key: np.concatenate([b[key] for b in batches])
+    return cat("image"), cat("label"), cat("mask"), len(batches)
+
+
+def _check_contiguous_shares(name, split, n, count, batch_size, data_dir=None):
+    """Process i's real rows are rows [start_i, start_i + share_i) of the one-process order, first in
+    its stream, then only padding; the shares are disjoint and cover the split."""
+    whole, whole_labels, whole_mask, _ = _eval_rows(name, split, batch_size=n, data_dir=data_dir)
+    assert whole_mask.all() and len(whole) == n
+    shares = [n // count + (i < n % count) for i in range(count)]  # TFDS's even split: first ones +1
+    start, num_batches = 0, set()
+    for index in range(count):
+        images, labels, mask, batches = _eval_rows(name, split, batch_size=batch_size, data_dir=data_dir,
+                                                   process_index=index, process_count=count)
+        num_batches.add(batches)
+        expected_mask = np.arange(len(mask)) < shares[index]
+        np.testing.assert_array_equal(mask, expected_mask)  # real rows first, then padding only
+        np.testing.assert_array_equal(images[mask], whole[start:start + shares[index]])
+        np.testing.assert_array_equal(labels[mask], whole_labels[start:start + shares[index]])
+        start += shares[index]
+    assert start == n and len(num_batches) == 1  # covered once; every process runs the same steps
+
+
+def test_eval_shares_are_contiguous_and_real_rows_come_first_tfds(digits_dir):
+    # 359 = 120 + 120 + 119; batch 50 divides none of them.
+    _check_contiguous_shares(DIGITS, "test", 359, 3, 50, data_dir=digits_dir)
+
+
+def test_eval_shares_are_contiguous_and_real_rows_come_first_folder(noise):
+    name, sources = noise
+    _check_contiguous_shares(name, "train", 25, 2, 4)
+    images, labels, _, _ = _eval_rows(name, "train", batch_size=25, eval_resize=32)
+    # The one-process order is the reader's: classes sorted, then file names.
+    np.testing.assert_array_equal(np.round(SYM.invert(images)).astype(np.uint8), [s for s, _ in sources])
+    np.testing.assert_array_equal(labels, [lb for _, lb in sources])
+
+
+def _smooth(height, width):
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    r = 128 + 100 * np.sin(x / 7.0) * np.cos(y / 9.0)
+    g = 128 + 90 * np.cos((x + y) / 11.0)
+    b = 255 * (x / width) * (1 - y / height)
+    return np.clip(np.dstack([r, g, b]), 0, 255).astype(np.uint8)
+
+
+def test_eval_views_whole_is_the_resized_image_uncropped(tmp_path):
+    """"whole": torchvision's Resize(Q) (PIL bilinear, antialiased) of the whole image, any shape."""
+    sizes = [(40, 60), (50, 30), (33, 47)]
+    files = _write(tmp_path, [_smooth(h, w) for h, w in sizes])
+    name, q = f"folder:{tmp_path}", 24
+    for index, count in [(0, 1), (0, 2), (1, 2)]:
+        stream = ip.create_dataset(name, "train", batch_size=1, train=False, image_size=16, eval_resize=q,
+                                   eval_views="whole", normalization="symmetric", process_index=index,
+                                   process_count=count)
+        batches = list(stream)
+        assert len(batches) == (3 if count == 1 else 2)
+        paths = [path for path, _ in files][index * 2:index * 2 + 2] if count == 2 else [p for p, _ in files]
+        for batch, path in zip(batches, paths + [None] * (len(batches) - len(paths)), strict=True):
+            if path is None:  # process 1 of 2 holds one image, then one padding row
+                assert not batch["mask"][0]
+                continue
+            image = Image.open(path)
+            w, h = image.size
+            new = (q, int(q * w / h)) if h <= w else (int(q * h / w), q)
+            reference = np.asarray(image.resize(new[::-1], Image.BILINEAR), np.float32)
+            assert batch["mask"].tolist() == [True] and batch["image"].shape == (1, *new, 3)
+            assert np.abs(SYM.invert(batch["image"][0]) - reference).max() <= 1.01
+
+
+# ---- normalisation presets --------------------------------------------------------------------------
+
+# Each preset's output for RGB pixels x in [0, 255], written out from its source (REFERENCE.md):
+# caffe (the original VGG weights, Keras' "caffe" mode): BGR, minus the BGR means, no scaling;
+# imagenet1k_features (torchvision VGG16_Weights.IMAGENET1K_FEATURES): 0-255 input minus 255 * mean,
+# mean (0.48235, 0.45882, 0.40784) in RGB, std 1/255; torchvision: x / 255, mean/std of ImageNet;
+# symmetric: [-1, 1].
+_PRESETS = {
+    "caffe": lambda x: x[..., ::-1] - np.array([103.939, 116.779, 123.68]),
+    "imagenet1k_features": lambda x: x - 255.0 * np.array([0.48235, 0.45882, 0.40784]),
+    "torchvision": lambda x: (x / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]),
+    "symmetric": lambda x: x / 127.5 - 1.0,
+}
+
+
+@pytest.mark.parametrize("preset", sorted(_PRESETS))
+def test_presets_values_in_numpy_jax_and_the_pipeline(tmp_path, preset):
+    import jax.numpy as jnp
+
+    norm = preprocessing.get_preset(preset)
+    pixels = np.array([[[0.0, 0.0, 0.0], [255.0, 255.0, 255.0], [200.0, 100.0, 10.0]]])
+    expected = _PRESETS[preset](pixels)
+    np.testing.assert_allclose(norm(pixels), expected, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(norm(pixels, xp=jnp), expected, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(norm.invert(expected), pixels, rtol=1e-6, atol=1e-3)
+    colour = np.array([200, 100, 10], np.uint8)
+    _write(tmp_path, [np.full((32, 32, 3), colour)])
+    batch = next(ip.create_dataset(f"folder:{tmp_path}", "train", batch_size=1, train=False, image_size=32,
+                                   eval_resize=32, normalization=preset))
+    np.testing.assert_allclose(batch["image"][0], np.broadcast_to(_PRESETS[preset](colour * 1.0),
+                                                                  (32, 32, 3)), rtol=1e-5, atol=1e-3)
