@@ -308,3 +308,68 @@ def test_presets_values_in_numpy_jax_and_the_pipeline(tmp_path, preset):
                                    eval_resize=32, normalization=preset))
     np.testing.assert_allclose(batch["image"][0], np.broadcast_to(_PRESETS[preset](colour * 1.0),
                                                                   (32, 32, 3)), rtol=1e-5, atol=1e-3)
+
+
+# ---- the embedded digits -------------------------------------------------------------------------
+
+# scikit-learn's digits per class (0-9), and the test split's round(20%) of each, by hand.
+_DIGIT_COUNTS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+_TEST_COUNTS = [36, 36, 35, 37, 36, 36, 36, 36, 35, 36]
+
+
+def _pil_bilinear_4x(gray):
+    """PIL's 8 -> 32 bilinear upsample written out: output pixel j samples the input at (j + .5) / 4 - .5
+    (clamped at the edges), horizontal pass first, each pass rounded half up to uint8."""
+    pos = np.clip((np.arange(32) + 0.5) / 4 - 0.5, 0, 7)
+    lo = np.floor(pos).astype(int)
+    hi, frac = np.minimum(lo + 1, 7), pos - np.floor(pos)
+    weights = np.zeros((32, 8))
+    weights[np.arange(32), lo] += 1 - frac
+    weights[np.arange(32), hi] += frac
+    rows = np.floor(gray.astype(np.float64) @ weights.T + 0.5)
+    return np.floor(weights @ rows + 0.5).astype(np.uint8)
+
+
+def test_digits_split_sizes_per_class_counts_and_one_upsample_by_hand(digits_dir):
+    from sklearn.datasets import load_digits
+
+    info = ip.dataset_info(DIGITS, data_dir=digits_dir)
+    assert (info.num_examples("train"), info.num_examples("test")) == (1438, 359)
+    assert info.class_names == tuple("0123456789") and info.image_shape == (32, 32, 3)
+    rows = {}
+    for split in ("train", "test"):
+        images, labels, mask, _ = _eval_rows(DIGITS, split, batch_size=500, data_dir=digits_dir)
+        counts = np.bincount(labels[mask], minlength=10)
+        want = np.asarray(_TEST_COUNTS) if split == "test" else np.subtract(_DIGIT_COUNTS, _TEST_COUNTS)
+        np.testing.assert_array_equal(counts, want)
+        rows[split] = {np.round(SYM.invert(im)).astype(np.uint8).tobytes() for im in images[mask]}
+    digit = load_digits().images[0]  # a 0, values 0-16
+    gray = np.round(digit * 255 / 16).astype(np.uint8)
+    expected = np.repeat(_pil_bilinear_4x(gray)[:, :, None], 3, axis=2)
+    assert expected[:2, :2].std() == 0 and expected.max() > 200  # edges clamp; ink is bright
+    assert (expected.tobytes() in rows["train"]) != (expected.tobytes() in rows["test"])
+
+
+# ---- eval preprocessing against torchvision on a textured image ----------------------------------
+
+def test_eval_preprocessing_on_noise_equals_torchvision_and_catches_an_unantialiased_resize(tmp_path):
+    """Noise is where resampling filters part: an unantialiased bilinear resize is tens of levels off."""
+    pytest.importorskip("torchvision")
+    import tensorflow as tf
+    from torchvision import transforms as T
+
+    image = np.random.default_rng(3).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    _write(tmp_path, [image])
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    reference = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])(
+        Image.fromarray(image)).numpy().transpose(1, 2, 0)
+    batch = next(ip.create_dataset(f"folder:{tmp_path}", "train", batch_size=1, train=False,
+                                   image_size=224, normalization="torchvision"))
+    one_level = 1 / 255 / 0.225  # one uint8 step after Normalize
+    bound = 1.01 * one_level  # PIL resamples in fixed point: some pixels land one level away
+    assert np.abs(batch["image"][0] - reference).max() <= bound
+    # The same crop through an unantialiased bilinear resize: far outside the bound.
+    aliased = tf.image.resize(image, (256, 341), method="bilinear", antialias=False).numpy()
+    top, left = round((256 - 224) / 2), round((341 - 224) / 2)
+    aliased = preprocessing.get_preset("torchvision")(np.round(aliased[top:top + 224, left:left + 224]))
+    assert np.abs(aliased - reference).max() > 30 * one_level
