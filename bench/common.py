@@ -16,6 +16,21 @@ import time
 from collections.abc import Callable
 
 
+def block_imports(names: list[str]) -> None:
+    """From now on each of `names` is absent: `import name` raises ModuleNotFoundError and
+    `importlib.util.find_spec(name)` returns None, as on a machine without it (`sys.modules[name]`
+    set to None, Python's documented way to halt an import).
+
+    Why: the GPU machine has no tensorflow and no ml_collections; the dry run on a machine that has
+    them proves that nothing the benchmark touches needs them. Raises if one is already imported.
+    """
+    loaded = sorted(n for n in names if sys.modules.get(n) is not None)
+    if loaded:
+        raise RuntimeError(f"already imported before blocking: {loaded}")
+    for name in names:
+        sys.modules[name] = None
+
+
 def header(argv: list[str]) -> str:
     """The machine, the library versions and the command that reproduces this run."""
     import jax

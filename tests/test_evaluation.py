@@ -208,6 +208,12 @@ for protocol in ("dense", "multicrop"):
     out[protocol], out["labels"] = evaluation.posteriors(
         model, variables, sys.argv[2], "val", protocol=protocol, scale=64, image_size=32, batch_size=4,
         normalization="symmetric")
+# Chunked, 2 images per device: dense one view at a time (2 strided image chunks per device),
+# multi-crop 2 images x 3 of 50 crops per chunk (17 chunks, the last overlapping).
+for protocol, max_views in (("dense", 1), ("multicrop", 7)):
+    out[protocol + "_chunked"], _ = evaluation.posteriors(
+        model, variables, sys.argv[2], "val", protocol=protocol, scale=64, image_size=32, batch_size=8,
+        normalization="symmetric", max_views=max_views)
 np.savez(sys.argv[3], **out)
 """
 
@@ -229,6 +235,8 @@ def test_multi_device_evaluation_equals_single_device(tiny, image_folder, tmp_pa
     np.testing.assert_array_equal(sharded["labels"], labels)  # 7 images: 2 batches of 4, one padded.
     for protocol in ("dense", "multicrop"):
         np.testing.assert_allclose(sharded[protocol], direct[protocol], atol=2e-5, err_msg=protocol)
+        np.testing.assert_allclose(sharded[protocol + "_chunked"], direct[protocol], atol=2e-5,
+                                   err_msg=protocol)
 
 
 _TWO_PROCESS_SCRIPT = """
@@ -274,3 +282,59 @@ def test_two_process_evaluation_sums_every_example_once(tiny, image_folder, tmp_
     for i in range(2):
         assert json.loads((tmp_path / f"out{i}").read_text()) == single
     assert single["dense"]["count"] == 7
+
+
+def test_chunk_plan_stays_within_the_budget():
+    """Every chunk fits max_pixels (or is one view of one image); the chunks cover every view."""
+    for images in (1, 2, 3, 4, 6, 32):
+        for views in (1, 2, 18, 50):
+            for budget in (1, 2, 3, 7, 8, 49, 50, 51, 256):
+                per_chunk, per_image = evaluation._chunk_plan(images, views, 10, budget * 10)
+                assert images % per_chunk == 0 and 1 <= per_image <= views
+                assert per_chunk * per_image <= max(budget, 1)
+                steps = -(-views // per_image)
+                assert (steps - 1) * per_image < views  # no chunk that only repeats views
+    assert evaluation._chunk_plan(32, 50, 224 * 224, None) == (32, 50)
+    assert evaluation._chunk_plan(32, 50, 224 * 224, 256 * 224 * 224) == (32, 8)  # 7 chunks, last overlaps
+    assert evaluation._chunk_plan(3, 2, 64 * 64, 1 * 32 * 32) == (1, 1)  # a dense view over budget
+
+
+@pytest.mark.parametrize("max_views", [1, 2, 3, 7, 49, 50, 51])
+def test_chunked_posteriors_equal_unchunked(tiny, image_folder, max_views):
+    """Views in chunks of max_views (dividing the 50 crops or not, splitting the batch or not) give
+    the same posteriors as all views in one call, for every protocol."""
+    model, variables = tiny
+    kw = dict(scale=Q, image_size=S, batch_size=3, normalization="symmetric")
+    name = f"folder:{image_folder}"
+    for protocol in ("center", "dense", "multicrop"):
+        whole, labels = evaluation.posteriors(model, variables, name, "val", protocol=protocol,
+                                              max_views=None, **kw)
+        chunked, chunked_labels = evaluation.posteriors(model, variables, name, "val", protocol=protocol,
+                                                        max_views=max_views, **kw)
+        np.testing.assert_array_equal(chunked_labels, labels)
+        np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6, err_msg=protocol)
+
+
+def test_chunked_program_bounds_the_views_per_call(tiny):
+    """The compiled program runs the network on at most max_views crops at a time: beyond one copy of
+    the views, its temporaries are a fraction of one conv output over all crops, which the unchunked
+    program's exceed."""
+    model, variables = tiny
+    x = jnp.zeros((4, 50, S, S, 3))
+
+    def temp_bytes(max_views):
+        fn = evaluation.posterior_fn(model, "multicrop",
+                                     max_pixels=None if max_views is None else max_views * S * S)
+        return fn.lower(variables, x).compile().memory_analysis().temp_size_in_bytes
+
+    unbounded, bounded = temp_bytes(None), temp_bytes(8)
+    first_conv_out = 4 * 50 * S * S * 8 * 4  # bytes of conv1_1's output for all 200 crops
+    assert unbounded >= first_conv_out
+    assert bounded - x.nbytes < first_conv_out / 8  # 8 of 200 crops at a time
+
+
+def test_max_views_must_be_positive(tiny, image_folder):
+    model, variables = tiny
+    with pytest.raises(ValueError, match="max_views must be at least 1"):
+        evaluation.posteriors(model, variables, f"folder:{image_folder}", "val", protocol="center",
+                              scale=Q, image_size=S, batch_size=3, normalization="symmetric", max_views=0)

@@ -39,6 +39,12 @@ import numpy as np
 PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")
 # The input pipeline's view of each basic protocol.
 _VIEWS = {"center": "center", "dense": "full", "multicrop": "multicrop"}
+# Views per device per network call (image_size x image_size each), the default bound on evaluation
+# memory. The rule: inference keeps about two activations of one conv alive per view, at most
+# 2 x 224 x 224 x 64 fp32 values (VGG's block 1, its widest map); 256 such views take under half of a
+# 16 GiB accelerator, leaving the rest to the batch's views, the weights and XLA's temporaries (the
+# arithmetic and the measured peaks: docs/PERFORMANCE.md).
+MAX_VIEWS_PER_CALL = 256
 
 
 def dense_model(model):
@@ -50,11 +56,15 @@ def dense_model(model):
     raise ValueError(f"cannot classify with head {model.head!r}")
 
 
-def posterior_fn(model, protocol: str):
+def posterior_fn(model, protocol: str, *, max_pixels: int | None = None, shards: int = 1):
     """A jitted fn(variables, images) -> float32[B, classes] softmax posteriors of one view batch.
 
     images: float32[B, S, S, 3] ("center"), float32[B, Q, Q, 3] ("dense"; the mean with its flip) or
     float32[B, V, S, S, 3] ("multicrop"; the mean over V crops).
+    max_pixels: at most this many input pixels per device go through the network at once: the views
+      are run in a loop of chunks (`_mean_over_views`), same posteriors up to rounding. None: all
+      views of the batch in one call.
+    shards: the devices the batch axis is split over (each holds B / shards images).
     """
     import jax
     import jax.numpy as jnp
@@ -63,36 +73,84 @@ def posterior_fn(model, protocol: str):
         return jax.nn.softmax(net.apply(variables, x, train=False).astype(jnp.float32), axis=-1)
 
     if protocol == "center":
-        return jax.jit(functools.partial(probs, model))
-    if protocol == "dense":
-        net = dense_model(model)
-        return jax.jit(lambda v, x: 0.5 * (probs(net, v, x) + probs(net, v, x[:, :, ::-1])))
-    if protocol == "multicrop":
-        def multi(v, x):
-            b, views = x.shape[:2]
-            return probs(model, v, x.reshape((b * views,) + x.shape[2:])).reshape(b, views, -1).mean(1)
-        return jax.jit(multi)
-    raise KeyError(f"unknown protocol {protocol!r}; valid: {PROTOCOLS[:3]}")
+        net, views = model, lambda x: x[:, None]
+    elif protocol == "dense":
+        net, views = dense_model(model), lambda x: jnp.stack([x, x[:, :, ::-1]], axis=1)
+    elif protocol == "multicrop":
+        net, views = model, lambda x: x
+    else:
+        raise KeyError(f"unknown protocol {protocol!r}; valid: {PROTOCOLS[:3]}")
+    return jax.jit(lambda v, x: _mean_over_views(functools.partial(probs, net, v), views(x),
+                                                 max_pixels=max_pixels, shards=shards))
+
+
+def _chunk_plan(images: int, views: int, view_pixels: int, max_pixels: int | None) -> tuple[int, int]:
+    """(images, views per image) of one chunk on one device, within max_pixels.
+
+    Images per chunk divide the device's images (the batch axis is sharded); the views per image are
+    balanced over the fewest chunks (the last chunk of an image may overlap the one before).
+    """
+    if max_pixels is None or images * views * view_pixels <= max_pixels:
+        return images, views
+    budget = max(1, max_pixels // view_pixels)
+    per_chunk = max(d for d in range(1, min(images, budget) + 1) if images % d == 0)
+    steps = -(-views // max(1, budget // per_chunk))
+    return per_chunk, -(-views // steps)
+
+
+def _mean_over_views(f, x, *, max_pixels: int | None, shards: int):
+    """The mean over axis 1 of f over the views x: float32[B, V, h, w, 3] -> float32[B, classes].
+
+    f maps float32[n, h, w, 3] to float32[n, classes]. In chunks, a loop in the program so that XLA
+    allocates one chunk's activations: chunk (k, j) holds images k, k + nb, ... (a strided slice, so
+    each device keeps its own rows) and their j-th run of views, sliced in place (no copy of x).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    b, v, h, w, c = x.shape
+    images, per_view = _chunk_plan(b // shards, v, h * w, max_pixels)
+    if (images, per_view) == (b // shards, v):
+        return f(x.reshape(b * v, h, w, c)).reshape(b, v, -1).mean(1)
+    nv = -(-v // per_view)
+    m, nb = shards * images, b // (shards * images)
+    xs = x.reshape(m, nb, v, h, w, c)
+    classes = jax.eval_shape(f, jax.ShapeDtypeStruct((m * per_view, h, w, c), x.dtype)).shape[-1]
+
+    def chunk(i, out):
+        k, start = i // nv, jnp.minimum(i % nv * per_view, v - per_view)
+        views = jax.lax.dynamic_slice(xs, (0, k, start, 0, 0, 0), (m, 1, per_view, h, w, c))
+        probs = f(views.reshape(m * per_view, h, w, c)).reshape(m, 1, per_view, classes)
+        return jax.lax.dynamic_update_slice(out, probs, (0, k, start, 0))
+
+    out = jax.lax.fori_loop(0, nb * nv, chunk, jnp.zeros((m, nb, v, classes), jnp.float32))
+    return out.reshape(b, v, classes).mean(1)
 
 
 def posteriors(model, variables, name: str, split: str, *, protocol: str, scale: int, image_size: int,
                batch_size: int, data_dir: str | None = None, normalization: str = "torchvision",
-               multicrop_grid: int = 5, dense_images: str = "square", process_index: int | None = None,
+               multicrop_grid: int = 5, dense_images: str = "square",
+               max_views: int | None = MAX_VIEWS_PER_CALL, process_index: int | None = None,
                process_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """This process's (float32[n, classes] posteriors, int32[n] labels) of one protocol at scale Q.
 
     Rows follow the split's fixed evaluation order; padding is removed, so n is this process's exact
-    share of the split. For "multicrop" the network sees batch_size * 2 * grid**2 crops per call;
-    dense_images="whole" evaluates one whole image per call on one device (see the module docstring).
+    share of the split. At most max_views image_size x image_size views per device go through the
+    network at once (a Q x Q dense view counts as (Q / image_size)**2 of them; None: no limit, e.g.
+    batch_size * 2 * grid**2 crops per call for "multicrop"); dense_images="whole" evaluates one
+    whole image per call on one device (see the module docstring).
     """
     from vgg_flax.data import pipeline as input_pipeline
 
     if dense_images not in ("square", "whole"):
         raise KeyError(f"dense_images must be 'square' or 'whole', not {dense_images!r}")
+    if max_views is not None and max_views < 1:
+        raise ValueError(f"max_views must be at least 1 (or None for no limit), not {max_views}")
     whole = protocol == "dense" and dense_images == "whole"
     view, batch_size = ("whole", 1) if whole else (_VIEWS[protocol], batch_size)
-    fn = posterior_fn(model, protocol)
     mesh = None if whole else _data_mesh(batch_size)
+    max_pixels = None if max_views is None else max_views * image_size**2
+    fn = posterior_fn(model, protocol, max_pixels=max_pixels, shards=1 if mesh is None else mesh.size)
     if mesh is not None:
         variables = _replicate(variables, mesh)
     batches = input_pipeline.create_dataset(
@@ -177,7 +235,8 @@ def _sum_over_processes(values: np.ndarray) -> np.ndarray:
 def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,
              protocols: Sequence[str] = ("center",), scales: Sequence[int] | None = None,
              batch_size: int = 32, data_dir: str | None = None, normalization: str = "torchvision",
-             multicrop_grid: int = 5, dense_images: str = "square", process_index: int | None = None,
+             multicrop_grid: int = 5, dense_images: str = "square",
+             max_views: int | None = MAX_VIEWS_PER_CALL, process_index: int | None = None,
              process_count: int | None = None) -> dict[str, dict[str, Any]]:
     """Top-1/top-5 of each protocol over a split (or "folder:/root" split).
 
@@ -188,8 +247,10 @@ def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,
       protocols: names from PROTOCOLS.
       scales: test scales Q; posteriors are averaged over them. Default: the pipeline's single
         default Q (round(S * 256 / 224), or S for fixed-size datasets such as the digits).
-      batch_size: images per call (multi-crop: times 2 * grid**2 crops).
+      batch_size: images per batch of the input pipeline (multi-crop: times 2 * grid**2 crops).
       dense_images: "square" (batched) or "whole" (the paper's; one image per call).
+      max_views: at most this many image_size x image_size views per device per network call
+        (bounded memory whatever the grid and scales; None: a whole batch of views at once).
     Returns:
       {protocol: {"top1", "top5" (fractions), "count" (examples), "scales" (list)}}.
     """
@@ -206,8 +267,8 @@ def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,
                                                      get_preset(normalization))]
     needed = sorted({part for p in protocols for part in p.split("+")})
     kw = dict(image_size=image_size, batch_size=batch_size, data_dir=data_dir, normalization=normalization,
-              multicrop_grid=multicrop_grid, dense_images=dense_images, process_index=process_index,
-              process_count=process_count)
+              multicrop_grid=multicrop_grid, dense_images=dense_images, max_views=max_views,
+              process_index=process_index, process_count=process_count)
     averaged, labels = {}, None
     for protocol in needed:
         per_scale = [posteriors(model, variables, name, split, protocol=protocol, scale=q, **kw)

@@ -95,11 +95,12 @@ def _eval(args: argparse.Namespace) -> int:
     if not run["dataset"]:
         raise SystemExit("vgg-flax eval: --dataset is required with --weights")
     scales = [int(q) for q in args.scales.split(",")] if args.scales else None
+    max_views = evaluation.MAX_VIEWS_PER_CALL if args.max_views is None else args.max_views or None
     results = evaluation.evaluate(
         model, variables, run["dataset"], run["split"], image_size=run["image_size"],
         protocols=args.protocols.split(","), scales=scales, batch_size=args.batch_size,
         data_dir=run["data_dir"], normalization=run["normalization"], multicrop_grid=args.grid,
-        dense_images="whole" if args.dense_whole_image else "square")
+        dense_images="whole" if args.dense_whole_image else "square", max_views=max_views)
     print(evaluation.format_table(results))
     if args.output:
         evaluation.save_json(results, args.output, weights=args.weights or args.workdir,
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-whole-image", action="store_true",
                    help="dense protocol on the whole image, one at a time (default: Q x Q center square)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-views", type=int,
+                   help="at most this many crop-sized views per device per network call, to bound "
+                        "memory (default: evaluation.MAX_VIEWS_PER_CALL, 256; 0: no limit)")
     p.add_argument("--output", help="write the results as JSON here")
     p.set_defaults(func=_eval)
 

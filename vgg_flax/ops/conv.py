@@ -44,12 +44,16 @@ _WINOGRAD_MAX_PIXELS = routing.WINOGRAD_MAX_PIXELS
 _winograd_fits = routing.winograd_fits
 
 
-def resolve_impl(impl: str) -> str:
-    """"auto" -> "cpu" on the CPU backend, "xla" elsewhere; checks the name."""
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """"auto" -> "cpu" on the CPU, "xla" elsewhere; checks the name.
+
+    platform: the platform the program is for ("cpu", "cuda", "rocm", "tpu", or a backend name such
+    as "gpu"); None: the host's default backend, `jax.default_backend()`.
+    """
     if impl not in CONV_IMPLS:
         raise KeyError(f"unknown conv_impl {impl!r}; valid: {CONV_IMPLS}")
     if impl == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "xla"
+        return "cpu" if (platform or jax.default_backend()) == "cpu" else "xla"
     return impl
 
 
