@@ -33,6 +33,8 @@ _MOVED = {
     "optim": "vgg_flax.train.optim", "steps": "vgg_flax.train.steps",
     "torch_check": "vgg_flax.convert.torch_check", "training": "vgg_flax.train.loop",
     "warm_start": "vgg_flax.train.warm_start", "weights": "vgg_flax.convert.weights",
+    # Faces imported on first use (not moved): vgg_flax.nnx, vgg_flax.perceptual.
+    "nnx": "vgg_flax.nnx", "perceptual": "vgg_flax.perceptual",
 }
 
 
