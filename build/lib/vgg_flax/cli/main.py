@@ -1,0 +1,191 @@
+"""The `vgg-flax` command: parses arguments and calls the library, nothing more.
+
+Subcommands:
+  models    list the configs and builders with their parameter counts
+  convert   torchvision/timm weights (.pth, .safetensors) into a vgg-flax weights file
+  predict   top-5 ImageNet classes of image files with a converted weights file
+  eval      top-1/top-5 with the paper's test protocols over a TFDS split or an image folder
+  plot      training curves of a workdir's metrics.jsonl as a PNG
+  train     the training program (same as `python train.py`; its absl flags follow `train`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _models(args: argparse.Namespace) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from vgg_flax import models
+
+    print(f"{'builder':<11} {'config':<6} {'bn':<3} {'params (1000 classes)':>22}")
+    for name, builder in models.MODELS.items():
+        model = builder(num_classes=args.num_classes, head=args.head)
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+        cfg = builder.keywords["config"]
+        bn = "yes" if builder.keywords.get("batch_norm") else "no"
+        print(f"{name:<11} {cfg:<6} {bn:<3} {models.count_params(shapes):>22,}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from vgg_flax.convert import torchvision as convert
+
+    r = convert.convert_file(args.src, args.dst, head=args.head, verify_hash=not args.no_verify_hash,
+                             check=not args.no_check)
+    if r["hash_prefix"]:
+        print(f"sha256 {r['sha256']}: matches the prefix {r['hash_prefix']} in the file name")
+    bn = "with" if r["batch_norm"] else "without"
+    print(f"detected: VGG config {r['config']} {bn} BatchNorm, {r['layout']} layout, "
+          f"{r['num_classes']} classes")
+    if r["features_only"]:
+        print("classifier weights are NaN (IMAGENET1K_FEATURES): saved the features only, "
+              "preprocessing preset 'imagenet1k_features'")
+    print(f"parameters: {r['params']:,} (head {r['head']!r})")
+    if r["max_abs_diff"] is not None:
+        print(f"self-check vs torch at 224x224: max abs diff {r['max_abs_diff']:.3g} "
+              f"(max abs output {r['max_abs_logit']:.3g})")
+    elif not args.no_check:
+        print("self-check skipped: torch is not installed")
+    print(f"saved {args.dst}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from vgg_flax import predict
+
+    results = predict.predict_files(args.weights, args.images, k=args.top_k)
+    for path, top in zip(args.images, results, strict=True):
+        print(path)
+        for rank, (name, prob) in enumerate(top, 1):
+            print(f"  {rank}. {prob:7.2%}  {name}")
+    return 0
+
+
+def _eval_source(args: argparse.Namespace):
+    """(model, variables, defaults) from a converted weights file or a training workdir."""
+    if bool(args.weights) == bool(args.workdir):
+        raise SystemExit("vgg-flax eval: give exactly one of --weights and --workdir")
+    if args.weights:
+        from vgg_flax.convert import weights
+
+        model, variables = weights.load_pretrained(args.weights)
+        meta = weights.pretrained_metadata(args.weights)
+        return model, variables, {"normalization": meta["preprocessing"], "split": "validation",
+                                  "image_size": 224, "data_dir": None, "dataset": None}
+    from vgg_flax.train import checkpoints
+
+    model, variables = checkpoints.load_for_inference(args.workdir, which=args.which)
+    cfg = checkpoints.read_config(args.workdir)
+    return model, variables, {"normalization": cfg["normalization"], "split": cfg["eval_split"],
+                              "image_size": cfg["image_size"], "data_dir": cfg["data_dir"] or None,
+                              "dataset": cfg["dataset"]}
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from vgg_flax import evaluation
+
+    model, variables, defaults = _eval_source(args)  # Weights first: torch must load before TF.
+    given = {"dataset": args.dataset, "split": args.split, "image_size": args.image_size,
+             "data_dir": args.data_dir, "normalization": args.normalization}
+    run = {k: defaults[k] if v is None else v for k, v in given.items()}
+    if not run["dataset"]:
+        raise SystemExit("vgg-flax eval: --dataset is required with --weights")
+    scales = [int(q) for q in args.scales.split(",")] if args.scales else None
+    results = evaluation.evaluate(
+        model, variables, run["dataset"], run["split"], image_size=run["image_size"],
+        protocols=args.protocols.split(","), scales=scales, batch_size=args.batch_size,
+        data_dir=run["data_dir"], normalization=run["normalization"], multicrop_grid=args.grid,
+        dense_images="whole" if args.dense_whole_image else "square")
+    print(evaluation.format_table(results))
+    if args.output:
+        evaluation.save_json(results, args.output, weights=args.weights or args.workdir,
+                             dense_whole_image=args.dense_whole_image, **run)
+        print(f"saved {args.output}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Hands every argument after `train` to the absl program (argparse would eat `--flags`)."""
+    from vgg_flax.cli import train_app
+
+    train_app.run(["vgg-flax train", *args.flags])
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from vgg_flax import plots
+
+    print(plots.plot_metrics(args.workdir, args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vgg-flax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list VGG builders and parameter counts")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--head", default="torchvision")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("plot", help="training curves of a workdir's metrics.jsonl as a PNG")
+    p.add_argument("workdir")
+    p.add_argument("--out", help="default: WORKDIR/curves.png")
+    p.set_defaults(func=_plot)
+
+    p = sub.add_parser("convert", help="convert torchvision/timm VGG weights to a vgg-flax file")
+    p.add_argument("src", help="a .pth/.pt/.bin or .safetensors state dict")
+    p.add_argument("dst", help="the .safetensors file to write (weights, config, preprocessing)")
+    p.add_argument("--head", default="torchvision", choices=("torchvision", "dense", "none"))
+    p.add_argument("--no-verify-hash", action="store_true",
+                   help="skip the sha256 check of a hash prefix in the file name")
+    p.add_argument("--no-check", action="store_true", help="skip the self-check against torch")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("predict", help="top-k classes of images with converted weights")
+    p.add_argument("--weights", required=True, help="a file written by `vgg-flax convert`")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("images", nargs="+")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("eval", help="top-1/top-5 with the paper's test protocols")
+    p.add_argument("--weights", help="a file written by `vgg-flax convert` (or save_pretrained)")
+    p.add_argument("--workdir", help="a training workdir (its config gives the dataset defaults)")
+    p.add_argument("--which", default="latest", choices=("latest", "best"), help="workdir checkpoint")
+    p.add_argument("--dataset", help="TFDS name, 'sklearn_digits' or 'folder:/path'")
+    p.add_argument("--split", help="default: 'validation' (--weights) or the run's eval split")
+    p.add_argument("--data-dir")
+    p.add_argument("--image-size", type=int, help="crop size S (default 224 or the run's)")
+    p.add_argument("--normalization", help="preset (default: the weights' or the run's)")
+    p.add_argument("--protocols", default="center",
+                   help="comma list of center, dense, multicrop, dense+multicrop")
+    p.add_argument("--scales", help="comma list of test scales Q (default: round(S * 256 / 224), "
+                                    "or S for fixed-size datasets)")
+    p.add_argument("--grid", type=int, default=5, help="multi-crop grid (grid x grid x 2 flips)")
+    p.add_argument("--dense-whole-image", action="store_true",
+                   help="dense protocol on the whole image, one at a time (default: Q x Q center square)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--output", help="write the results as JSON here")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("train", help="train (flags as train.py: --workdir, --config, --config.KEY=V)",
+                       add_help=False)
+    p.add_argument("flags", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        return _train(argparse.Namespace(flags=argv[1:]))
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Image transforms as TensorFlow ops, for tf.data (imported lazily by `vgg_flax.input_pipeline`).
+
+Images enter as uint8[H, W, 3] RGB of any size and leave as float32 pixels in [0, 255] (normalised last,
+by `normalize`). Training transforms take a stateless seed int64[2], so the pipeline can key every
+example's randomness by its position in the stream (exact resume). Resizing follows torchvision's
+`Resize(short)`: the short side becomes `short`, the long side int(short * long / short_in), bilinear
+with antialiasing (PIL's filter); `CenterCrop` offsets are round((H - crop) / 2), half to even, as
+Python's round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import tensorflow as tf
+
+from vgg_flax import preprocessing
+
+# AlexNet's PCA lighting (Krizhevsky et al., 2012, Sec. 4.1), which VGG's training also used: the
+# eigenvalues and eigenvectors (columns) of ImageNet's RGB covariance on [0, 1] pixels, as published
+# with fb.resnet.torch. A training image gets rgb += eigvec @ (alpha * eigval), alpha ~ N(0, 0.1).
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+              (-0.5808, -0.0045, -0.8140),
+              (-0.5836, -0.6948, 0.4203))
+
+Transform = Callable[..., tf.Tensor]
+
+
+def short_side_shape(image: tf.Tensor, short) -> tuple[tf.Tensor, tf.Tensor]:
+    """(new_h, new_w) int32 of torchvision's Resize(short) for this image."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    short = tf.cast(short, tf.int32)
+    return tf.where(h <= w, short, short * h // w), tf.where(h <= w, short * w // h, short)
+
+
+def _round(pixels: tf.Tensor) -> tf.Tensor:
+    """As PIL's uint8 output: evaluation rounds, to match torchvision on PIL images."""
+    return tf.clip_by_value(tf.round(pixels), 0.0, 255.0)
+
+
+def resize_short_side(image: tf.Tensor, short, *, round_pixels: bool = False) -> tf.Tensor:
+    """float32[h', w', 3]: `image` resized so its short side is `short` (torchvision's Resize(short))."""
+    out = tf.image.resize(image, tf.stack(short_side_shape(image, short)), method="bilinear",
+                          antialias=True)
+    return _round(out) if round_pixels else out
+
+
+def resized_window(image: tf.Tensor, short, top, left, size: int, *, round_pixels: bool = False):
+    """float32[size, size, 3]: resize_short_side(image, short)[top:top + size, left:left + size],
+    computing only that window (the same antialiased bilinear filter via scale-and-translate), which
+    makes large training scales (S up to 512) several times cheaper than resizing the whole image."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    new = tf.cast(tf.stack(short_side_shape(image, short)), tf.float32)
+    out = tf.raw_ops.ScaleAndTranslate(
+        images=tf.cast(image, tf.float32)[None], size=tf.constant([size, size]), scale=new / shape,
+        translation=-tf.cast(tf.stack([top, left]), tf.float32), kernel_type="triangle",
+        antialias=True)[0]
+    out = tf.ensure_shape(out, [size, size, 3])
+    return _round(out) if round_pixels else out
+
+
+def center_offsets(image: tf.Tensor, short, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """(top, left) of torchvision's CenterCrop(size) after Resize(short): round((H - size) / 2)."""
+    new_h, new_w = short_side_shape(image, short)
+    half = lambda n: tf.cast(tf.round(tf.cast(n - size, tf.float32) / 2.0), tf.int32)
+    return half(new_h), half(new_w)
+
+
+def resize_center_crop(image: tf.Tensor, short, size: int, *, round_pixels: bool = False):
+    """torchvision's Resize(short) + CenterCrop(size), float32[size, size, 3]."""
+    top, left = center_offsets(image, short, size)
+    return resized_window(image, short, top, left, size, round_pixels=round_pixels)
+
+
+def pca_lighting(image: tf.Tensor, seed: tf.Tensor, std: float) -> tf.Tensor:
+    """AlexNet's colour shift on float [0, 255] pixels (see PCA_EIGVAL)."""
+    alpha = tf.random.stateless_normal([3], seed=seed, stddev=std)
+    shift = tf.linalg.matvec(tf.constant(PCA_EIGVEC), alpha * tf.constant(PCA_EIGVAL)) * 255.0
+    return image + shift
+
+
+def paper_crop(image, seed, *, size: int, scale_range: tuple[int, int], color_pca: float):
+    """VGG's training crop: short side S ~ U{S_min..S_max}, random size crop, flip, PCA lighting."""
+    s_min, s_max = scale_range
+    if s_min < size or s_max < s_min:
+        raise ValueError(f"scale_range {scale_range} must satisfy image_size {size} <= S_min <= S_max")
+    seeds = tf.random.experimental.stateless_split(seed, num=5)
+    short = tf.random.stateless_uniform([], seeds[0], minval=s_min, maxval=s_max + 1, dtype=tf.int32)
+    new_h, new_w = short_side_shape(image, short)
+    top = tf.random.stateless_uniform([], seeds[1], minval=0, maxval=new_h - size + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([], seeds[4], minval=0, maxval=new_w - size + 1, dtype=tf.int32)
+    x = resized_window(image, short, top, left, size)
+    x = tf.image.stateless_random_flip_left_right(x, seed=seeds[2])
+    if color_pca:
+        x = pca_lighting(x, seeds[3], color_pca)
+    return tf.clip_by_value(x, 0.0, 255.0)
+
+
+def inception_crop(image, seed, *, size: int, area_range, aspect_range):
+    """Inception's random-resized crop (area fraction, aspect ratio), resized to size x size, flip.
+
+    After 10 failed draws the whole image is used (TF's rule; torchvision falls back to a center crop).
+    """
+    seeds = tf.random.experimental.stateless_split(seed, num=2)
+    begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seeds[0],
+        min_object_covered=area_range[0], aspect_ratio_range=aspect_range, area_range=area_range,
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    x = tf.image.resize(tf.slice(image, begin, extent), [size, size], method="bilinear", antialias=True)
+    x = tf.image.stateless_random_flip_left_right(tf.clip_by_value(x, 0.0, 255.0), seed=seeds[1])
+    return tf.ensure_shape(x, [size, size, 3])
+
+
+def shift_crop(image, seed, *, size: int, shift: int, flip: bool = False):
+    """Small-image augmentation: resize + center crop, zero-pad by `shift`, random crop (a translation
+    of up to `shift` pixels), optionally flip. shift=0 and flip=False is the identity on size x size."""
+    x = resize_center_crop(image, size, size)
+    seeds = tf.random.experimental.stateless_split(seed, num=2)
+    if shift:
+        x = tf.pad(x, [[shift, shift], [shift, shift], [0, 0]])
+        x = tf.image.stateless_random_crop(x, [size, size, 3], seed=seeds[0])
+    if flip:
+        x = tf.image.stateless_random_flip_left_right(x, seed=seeds[1])
+    return x
+
+
+def train_transform(augment: str, *, image_size: int, options: dict) -> Transform:
+    """fn(uint8[H, W, 3], seed int64[2]) -> float32[S, S, 3] in [0, 255] for an augmentation name.
+
+    "paper": `paper_crop`, S fixed or jittered by options["scale_range"] (default round(S * 256 / 224)
+      for both ends, i.e. the paper's S = 256 at 224); "inception": `inception_crop`; "shift": up to
+      options["shift"] pixels of translation (default S // 8), no flip (digits are not mirror-symmetric);
+      "flip": center crop and flip; "none": resize + center crop only.
+    """
+    size = image_size
+    if augment == "paper":
+        q = int(round(size * 256 / 224))
+        return lambda im, seed: paper_crop(im, seed, size=size, scale_range=options["scale_range"] or (q, q),
+                                           color_pca=options["color_pca"])
+    if augment == "inception":
+        return lambda im, seed: inception_crop(im, seed, size=size, area_range=options["area_range"],
+                                               aspect_range=options["aspect_range"])
+    shift = {"shift": size // 8 if options["shift"] is None else options["shift"]}.get(augment, 0)
+    return lambda im, seed: shift_crop(im, seed, size=size, shift=shift, flip=augment == "flip")
+
+
+def multi_crops(image: tf.Tensor, *, size: int, grid: int) -> tf.Tensor:
+    """float32[2 * grid**2, S, S, 3]: a grid x grid of crops spanning the image (rows, then columns),
+    followed by their horizontal flips (the paper's multi-crop evaluation, grid 5)."""
+    shape = tf.shape(image)
+    crops = []
+    for i in range(grid):
+        for j in range(grid):
+            top = _grid_offset(shape[0] - size, i, grid)
+            left = _grid_offset(shape[1] - size, j, grid)
+            crops.append(image[top:top + size, left:left + size])
+    crops = tf.ensure_shape(tf.stack(crops), [grid * grid, size, size, 3])
+    return tf.concat([crops, crops[:, :, ::-1]], axis=0)
+
+
+def _grid_offset(span, i: int, grid: int):
+    if grid == 1:
+        return tf.cast(tf.round(tf.cast(span, tf.float32) / 2.0), tf.int32)
+    return tf.cast(tf.round(tf.cast(span * i, tf.float32) / (grid - 1)), tf.int32)
+
+
+def eval_transform(views: str, *, image_size: int, resize: int, grid: int = 5) -> Transform:
+    """fn(uint8[H, W, 3]) -> float32 pixels: short side `resize` (Q, rounded as PIL), then
+
+    "center": the center image_size crop, float32[S, S, 3] (torchvision's eval preset);
+    "full": the center Q x Q square, float32[Q, Q, 3] (dense evaluation; see evaluation.py);
+    "multicrop": `multi_crops`, float32[2 * grid**2, S, S, 3];
+    "whole": the whole resized image, float32[h, w, 3] (the paper's dense evaluation input).
+    """
+    if resize < image_size:
+        raise ValueError(f"eval resize {resize} is smaller than the crop {image_size}")
+    if views == "center":
+        return lambda im: resize_center_crop(im, resize, image_size, round_pixels=True)
+    if views == "full":
+        return lambda im: resize_center_crop(im, resize, resize, round_pixels=True)
+    if views == "multicrop":
+        return lambda im: multi_crops(resize_short_side(im, resize, round_pixels=True), size=image_size,
+                                      grid=grid)
+    if views == "whole":
+        return lambda im: resize_short_side(im, resize, round_pixels=True)
+    raise KeyError(f"unknown eval views {views!r}; valid: 'center', 'full', 'multicrop', 'whole'")
+
+
+def normalize(pixels: tf.Tensor, norm: preprocessing.Normalization) -> tf.Tensor:
+    """`norm` (a preprocessing preset) applied to float [0, 255] RGB pixels, in TensorFlow."""
+    x = tf.cast(pixels, tf.float32) * norm.scale
+    if norm.bgr:
+        x = x[..., ::-1]
+    return (x - tf.constant(norm.mean, tf.float32)) / tf.constant(norm.std, tf.float32)

@@ -1,0 +1,1 @@
+"""Training: pure train/eval steps, optimizers, the loop, checkpoints, warm starts and metrics."""
