@@ -129,3 +129,16 @@ def test_training_program_unknown_dataset_and_locked_workdir(tmp_path):
 def test_nan_loss_names_the_checkpoint_kept(tmp_path, nan_at, says):
     with pytest.raises(training.NonFiniteLossError, match=f"at step {nan_at}; {says}$"):
         training.train_and_evaluate(tiny_config(), str(tmp_path), datasets=FakeDatasets(nan_at_step=nan_at))
+
+
+def test_corrupt_checkpoint_fallback_is_one_warning_line(tmp_path, caplog):
+    """Array data damaged (not the metadata): orbax's error carries the whole TensorStore spec."""
+    training.train_and_evaluate(tiny_config(), str(tmp_path), datasets=FakeDatasets())
+    data = tmp_path / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d"
+    for f in os.listdir(data):
+        (data / f).write_bytes(b"\x00garbage")
+    caplog.clear()
+    training.train_and_evaluate(tiny_config(), str(tmp_path), datasets=FakeDatasets())
+    warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warnings) == 1 and len(warnings[0].splitlines()) == 1, warnings
+    assert "checkpoint step 6" in warnings[0] and "falling back to the previous one" in warnings[0]
