@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 python_bin="${PYTHON:-python3}"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
+# setuptools stages the package in ./build: a stale copy there could hide a file the wheel lacks.
+rm -rf build
 "$python_bin" -m pip wheel --no-deps -q -w "$tmp/dist" .
+rm -rf build
 "$python_bin" -m venv "$tmp/venv"
 wheel="$(ls "$tmp"/dist/vgg_flax-*.whl)"
 "$tmp/venv/bin/python" -m pip install -q "$wheel[train]"

@@ -1,1 +1,0 @@
-"""Training: pure train/eval steps, optimizers, the loop, checkpoints, warm starts and metrics."""
