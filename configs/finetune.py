@@ -11,7 +11,7 @@ Input preprocessing must match the weights: torchvision's (224 crops of a 256 sh
 mean/std).
 """
 
-from configs import default
+from vgg_flax.configs import default
 
 
 def get_config():

@@ -10,7 +10,7 @@ colour shift (`augment="paper"`), net A's layers for warm start (set `warm_start
 configs/vgg11.py workdir) or He init. Needs a prepared TFDS "imagenet2012".
 """
 
-from configs import default
+from vgg_flax.configs import default
 
 
 def get_config(letter: str = "D"):

@@ -4,7 +4,7 @@ deeper nets; on ImageNet-1k with configs/imagenet_vgg16.py's recipe.
     python train.py --config configs/vgg11.py --workdir /ckpt/vgg11 --config.data_dir=/data/tfds
 """
 
-from configs import imagenet_vgg16
+from vgg_flax.configs import imagenet_vgg16
 
 
 def get_config():

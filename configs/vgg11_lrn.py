@@ -4,7 +4,7 @@ on ImageNet-1k with configs/imagenet_vgg16.py's recipe.
     python train.py --config configs/vgg11_lrn.py --workdir /ckpt/vgg11_lrn --config.data_dir=/data/tfds
 """
 
-from configs import imagenet_vgg16
+from vgg_flax.configs import imagenet_vgg16
 
 
 def get_config():

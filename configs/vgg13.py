@@ -6,7 +6,7 @@ The paper warm-started the deeper nets from a trained A: add
 --config.warm_start_from=/ckpt/vgg11 (its first four convs and three FC layers are copied).
 """
 
-from configs import imagenet_vgg16
+from vgg_flax.configs import imagenet_vgg16
 
 
 def get_config():

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vgg_flax.cli import errors
+
 
 def _models(args: argparse.Namespace) -> int:
     import jax
@@ -180,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("flags", nargs=argparse.REMAINDER)
     p.set_defaults(func=_train)
+    for name, p in sub.choices.items():
+        if name != "train":  # the training program has its own --debug
+            p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         return _train(argparse.Namespace(flags=argv[1:]))
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return errors.run_command(f"vgg-flax {args.command}", lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,18 @@
 r"""The training program's command line (absl flags + ml_collections config files).
 
-`python train.py ...` and `vgg-flax train ...` both run `run()`: parse flags, initialise
-jax.distributed when asked, call `training.train_and_evaluate(config, workdir)`. Nothing else.
+`python train.py ...` and `vgg-flax train ...` both run `run()`: parse flags, quiet the console,
+initialise jax.distributed when asked, call `training.train_and_evaluate(config, workdir)`.
 
-    python train.py --workdir /tmp/vgg_digits                         # configs/default.py
-    python train.py --config configs/imagenet_vgg16.py --workdir DIR --config.global_batch_size=512
-    python train.py --distributed ...                                  # one process per host
+    python train.py --workdir /tmp/vgg_digits                       # the packaged `default` config
+    python train.py --config imagenet_vgg16 --workdir DIR --config.global_batch_size=512
+    python train.py --config path/to/my_config.py --workdir DIR     # any config file
+    python train.py --distributed ...                                # one process per host
 
-Re-running the same command resumes from the newest checkpoint in --workdir. On SIGTERM/SIGINT the
-run checkpoints and exits with 128 + the signal number.
+`--config` takes a name from vgg_flax.configs (the repository's configs/, shipped in the wheel) or a
+path. Re-running the same command resumes from the newest checkpoint in --workdir. On SIGTERM/SIGINT
+the run checkpoints and exits with 128 + the signal number; a mistake (bad config value, unknown
+dataset, a workdir another program is training in, a NaN loss) ends in one line and exit status 2
+(`--debug`: the traceback).
 """
 
 from __future__ import annotations
@@ -20,46 +24,92 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# configs/ lives beside the package in the repository (an editable install); config files import
-# each other as the `configs` package, so the repository root must be importable (it is for
-# `python train.py`, not for the `vgg-flax` entry point).
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "default.py")
-if os.path.isdir(os.path.join(REPO_ROOT, "configs")) and REPO_ROOT not in sys.path:
-    sys.path.append(REPO_ROOT)
+from vgg_flax import configs as packaged_configs
+from vgg_flax import perf
+from vgg_flax.cli import errors
+from vgg_flax.train import loop as training
+
+CONFIG_DIR = os.path.dirname(os.path.abspath(packaged_configs.__file__))
+CONFIG_NAMES = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and not f.startswith("_"))
+# TensorFlow prints C++ INFO notices at import, so these must be in the environment before the input
+# pipeline imports it: the CPU-feature notice goes with the INFO level (warnings and errors still
+# show); the "oneDNN custom operations are on" notice ignores the level and goes only with oneDNN's
+# custom ops, which the input pipeline does not use (they fuse matmuls and convolutions).
+QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "1", "TF_ENABLE_ONEDNN_OPTS": "0"}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard events.")
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() (also on when JAX_COORDINATOR_ADDRESS is set).")
-config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "A configs/*.py file.", lock_config=True)
+flags.DEFINE_bool("verbose", False, "Show INFO logs (JAX, TensorFlow, orbax) and the resolved config.")
+flags.DEFINE_bool("debug", False, "Show the traceback of a configuration or data error.")
+config_flags.DEFINE_config_file("config", os.path.join(CONFIG_DIR, "default.py"),
+                                f"A config name ({', '.join(CONFIG_NAMES)}) or a config file path.",
+                                lock_config=True)
 flags.mark_flags_as_required(["workdir"])
 
 
-def _quiet_orbax(record) -> bool:
-    """Drops orbax's and TFDS's INFO chatter (lines per save and per eval); warnings stay."""
-    noisy = "/orbax/" in record.pathname or "/tensorflow_datasets/" in record.pathname
-    return record.levelno >= py_logging.WARNING or not noisy
+def config_path(value: str) -> str:
+    """A `--config` value with a packaged config's name replaced by its file (":ARGS" kept)."""
+    name, sep, rest = value.partition(":")
+    if os.sep in name or name.endswith(".py") or os.path.exists(name):
+        return value
+    if name not in CONFIG_NAMES:
+        raise app.UsageError(f"--config {value!r}: no config named {name!r} (valid: "
+                             f"{', '.join(CONFIG_NAMES)}) and no such file")
+    return os.path.join(CONFIG_DIR, f"{name}.py") + sep + rest
+
+
+def resolve_config_names(argv: list[str]) -> list[str]:
+    """argv with every `--config NAME` / `--config=NAME` turned into the packaged file's path."""
+    out, args = [], iter(argv)
+    for arg in args:
+        if arg in ("--config", "-config"):
+            out += [arg, config_path(next(args, ""))]
+        elif arg.startswith(("--config=", "-config=")):
+            flag, _, value = arg.partition("=")
+            out.append(f"{flag}={config_path(value)}")
+        else:
+            out.append(arg)
+    return out
+
+
+def quiet_console(verbose: bool) -> None:
+    """Warnings and errors only (the run prints its own header, progress and summary); all with --verbose."""
+    if verbose:
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    logging.set_verbosity(logging.WARNING)
+    py_logging.getLogger().setLevel(py_logging.WARNING)
+
+
+def _train() -> int:
+    training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    return 0
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_quiet_orbax)
-    from vgg_flax import perf
-    from vgg_flax.train import loop as training  # after flag parsing: importing JAX is slow
-
+    quiet_console(FLAGS.verbose)
     cache = perf.enable_compilation_cache()  # a restarted run loads its compiled steps from disk
     logging.info("compilation cache: %s", cache or "off")
     training.initialize_distributed(FLAGS.distributed or "JAX_COORDINATOR_ADDRESS" in os.environ)
     logging.info("config:\n%s", FLAGS.config)
     try:
-        training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        status = errors.run_command("train", _train, debug=FLAGS.debug)
     except training.Interrupted as stop:
         logging.warning("%s", stop)
         sys.exit(128 + stop.signum)
+    sys.exit(status)
 
 
 def run(argv: list[str] | None = None) -> None:
     """Runs the program on `argv` (program name first; default sys.argv)."""
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        argv = argv[:1] + resolve_config_names(argv[1:])
+    except app.UsageError as err:
+        sys.exit(errors.report(os.path.basename(argv[0]), err))
     app.run(main, argv=argv)

@@ -136,8 +136,10 @@ class Checkpoints:
         return metadata.tree if hasattr(metadata, "tree") else metadata
 
     def _warn_and_quarantine(self, step: int, err: Exception) -> None:
+        # orbax's read errors carry the whole TensorStore spec (~80 lines): the first line names the array.
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
         logging.warning("checkpoint step %d in %s is unreadable (%s: %s); falling back to the previous "
-                        "one", step, self.directory, type(err).__name__, err)
+                        "one", step, self.directory, type(err).__name__, reason)
         self._quarantine(step)
 
     def _quarantine(self, step: int) -> None:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vgg_flax.train import checkpoints as ckpt_lib
-from vgg_flax.train import metrics_log, optim, steps, warm_start
+from vgg_flax.train import console, lock, metrics_log, optim, steps, warm_start
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -219,8 +219,9 @@ def _flush(run, pending: list, start_time: float, logger) -> float:
     rows = jax.device_get([m for _, m in pending])
     for (step, _), row in zip(pending, rows, strict=True):
         if not np.isfinite(row["train_loss"]):
-            raise NonFiniteLossError(f"training loss is {row['train_loss']} at step {step}; the last "
-                                     f"checkpoint ({run.ckpt.latest_step()}) is intact")
+            kept = run.ckpt.latest_step()
+            raise NonFiniteLossError(f"training loss is {row['train_loss']} at step {step}; " + (
+                f"the checkpoint of step {kept} is intact" if kept is not None else "no checkpoint yet"))
     now = time.time()
     row = {"step": pending[-1][0], "learning_rate": rows[-1]["learning_rate"],
            **{k: float(np.mean([r[k] for r in rows])) for k in ("train_loss", "train_accuracy")},
@@ -296,9 +297,17 @@ def train_and_evaluate(config, workdir: str, *, datasets: Any = None):
         with checkpoints is resumed from its newest readable one.
       datasets: an object with `create_dataset` and `dataset_info` (default: vgg_flax.input_pipeline).
     Raises:
-      NonFiniteLossError, Interrupted (after checkpointing), ValueError/KeyError for bad settings.
+      NonFiniteLossError, Interrupted (after checkpointing), ValueError/KeyError for bad settings,
+      lock.WorkdirLockedError when another program is training in `workdir`.
     """
-    run = setup(config, workdir, datasets or _datasets_module())
+    with lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):  # one program per workdir
+        return _train_and_evaluate(config, workdir, datasets or _datasets_module())
+
+
+def _train_and_evaluate(config, workdir: str, datasets):
+    run = setup(config, workdir, datasets)
+    console.show(console.header(config, workdir, params=run.state.params, datasets=datasets,
+                                num_classes=run.num_classes, start_step=int(run.state.step)))
     logger = metrics_log.MetricsLogger(workdir, total_steps=config.num_train_steps,
                                        start_step=int(run.state.step), tensorboard=config.tensorboard,
                                        progress=config.progress)
@@ -310,4 +319,5 @@ def train_and_evaluate(config, workdir: str, *, datasets: Any = None):
     finally:
         logger.close()
         run.ckpt.close()
+    console.show(console.summary(workdir))
     return run.state

@@ -96,12 +96,19 @@ class MetricsLogger:
 
     def _show(self, row: dict) -> None:
         step = row["step"]
+        if "eval_top1" in row and self.progress != "none":  # evaluations stay on screen as lines
+            line = (f"eval step {step}: top-1 {row['eval_top1']:.4f}  top-5 {row['eval_top5']:.4f}  "
+                    f"loss {row['eval_loss']:.4g}")
+            if self._bar is None:
+                print(line, flush=True)
+            else:
+                self._bar.write(line)
         if self._bar is not None:
             self._bar.n = step
             self._shown.update({k: f"{v:.4g}" for k, v in row.items()
                                 if k in ("train_loss", "train_accuracy", "images_per_sec", "eval_top1")})
             self._bar.set_postfix(self._shown, refresh=True)
-        elif self.progress == "lines":
+        elif self.progress == "lines" and "eval_top1" not in row:
             done = max(step - self._step0, 1)
             eta = (time.time() - self._t0) / done * max(self.total - step, 0)
             text = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step")

@@ -1,0 +1,48 @@
+"""The commands' mistakes as one line on stderr and exit status 2; `--debug` keeps the traceback.
+
+A user who gives a missing file, a file that is not an image or not a weights file, an unknown
+model or dataset name or a bad config value needs the sentence that names it, not a traceback. The
+project's own errors are those classes: ValueError and KeyError (bad values and unknown names, with
+the valid ones listed; ConversionError, WeightsMismatchError and PIL's UnidentifiedImageError are
+among them), OSError (missing and unreadable files), RuntimeError subclasses of this project
+(CheckpointError, WorkdirLockedError) and a non-finite loss. Anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from vgg_flax.train import checkpoints, lock, loop
+
+EXIT_USAGE = 2
+USER_ERRORS = (ValueError, KeyError, OSError, checkpoints.CheckpointError, lock.WorkdirLockedError,
+               loop.NonFiniteLossError)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a KeyError's message without the quotes str() adds)."""
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        text = err.args[0]
+    elif isinstance(err, OSError) and err.strerror and err.filename and len(err.args) <= 2:
+        text = f"{err.strerror}: {err.filename}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
+def report(prog: str, err: BaseException) -> int:
+    """Prints `prog: error: MESSAGE` on stderr; returns the exit status."""
+    print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+def run_command(prog: str, fn: Callable[[], int], *, debug: bool) -> int:
+    """`fn()`'s exit status, or one line and status 2 for a user error (re-raised under `debug`)."""
+    try:
+        return fn()
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        return report(prog, err)

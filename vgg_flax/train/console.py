@@ -1,0 +1,66 @@
+"""What a training run prints on its own: a short header before the first step, a summary at the end.
+
+Between them the console shows only the progress display and evaluation lines (metrics_log); the
+resolved config is in config.json, the numbers in metrics.jsonl. Only process 0 prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+
+from vgg_flax import models
+from vgg_flax.train import checkpoints as ckpt_lib
+from vgg_flax.train import metrics_log
+
+
+def _devices() -> str:
+    kinds = sorted({d.device_kind for d in jax.devices()})
+    hosts = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return f"{jax.device_count()} x {', '.join(kinds)} ({jax.default_backend()}){hosts}"
+
+
+def header(config, workdir: str, *, params, datasets, num_classes: int, start_step: int) -> str:
+    """Model, parameter count, dataset and split sizes, devices, workdir and where the run starts.
+
+    Args:
+      config: the run's ConfigDict; params: the model's parameters (any array type);
+      datasets: the pipeline module (or a stand-in) for the split sizes.
+    """
+    m = config.model
+    info = datasets.dataset_info(config.dataset, data_dir=config.data_dir or None)
+    sizes = ", ".join(f"{split} {info.num_examples(split):,}" for split in (config.train_split,
+                                                                           config.eval_split))
+    bn = ", BatchNorm" if m.batch_norm else ""
+    start = f"resuming at step {start_step}" if start_step else "from step 0"
+    return "\n".join([
+        f"model     VGG {m.config}{bn}, {m.head} head, {num_classes} classes, "
+        f"{models.count_params(params):,} parameters, {config.dtype}",
+        f"data      {config.dataset} {config.image_size}px: {sizes} (train/eval examples)",
+        f"devices   {_devices()}, global batch {config.global_batch_size}",
+        f"workdir   {os.path.abspath(workdir)} ({start}, {config.num_train_steps} steps)"])
+
+
+def summary(workdir: str) -> str:
+    """Best eval top-1 and where the checkpoints, metrics and curves of `workdir` are."""
+    workdir = os.path.abspath(workdir)
+    path = os.path.join(workdir, metrics_log.METRICS_FILE)
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    evals = [r for r in rows if "eval_top1" in r]
+    best = max(evals, key=lambda r: r["eval_top1"], default=None)
+    last = max((r["step"] for r in rows), default=0)
+    done = f"best eval top-1 {best['eval_top1']:.4f} at step {best['step']}" if best else "no evaluation yet"
+    return "\n".join([
+        f"done      step {last}, {done}",
+        f"          checkpoints {os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)}",
+        f"          metrics     {path} (config.json and TensorBoard events beside it)",
+        f"          curves      `vgg-flax plot {workdir}` writes {os.path.join(workdir, 'curves.png')}"])
+
+
+def show(text: str) -> None:
+    """Prints `text` on process 0 (stdout, flushed so it precedes the progress display)."""
+    if jax.process_index() == 0:
+        print(text, file=sys.stdout, flush=True)
