@@ -154,6 +154,8 @@ def test_dropout_is_keyed_by_nnx_rngs():
     np.testing.assert_array_equal(first, b(x, train=True))  # same stream, same keys
     assert np.abs(np.asarray(first - again)).max() > 0  # the stream advances
     np.testing.assert_array_equal(a(x), model.apply(variables, x))  # eval: no dropout
+    other = vnnx.from_variables(model, variables, rngs=nnx.Rngs(dropout=4))
+    assert np.abs(np.asarray(other(x, train=True) - first)).max() > 0  # another seed, other keys
     keyed = a(x, train=True, rngs=nnx.Rngs(dropout=9))
     assert np.abs(np.asarray(keyed - first)).max() > 0
 

@@ -238,3 +238,10 @@ def test_style_transfer_example_runs_and_lowers_its_loss(tmp_path):
     losses = [float(v) for v in re.findall(r"loss (\S+)", run.stdout)]
     assert len(losses) >= 2 and np.isfinite(losses).all() and losses[-1] < losses[0]
     assert Image.open(out).size == (32, 32)
+
+
+def test_unit_normalize_gradient_is_finite_at_an_all_zero_pixel():
+    f = np.random.default_rng(15).normal(size=(1, 3, 3, 8)).astype(np.float32)
+    f[0, 1, 1] = 0.0  # a pixel whose ReLU features are all zero: sqrt(0) in the norm
+    g = jax.grad(lambda a: jnp.sum(perceptual.unit_normalize(a) * jnp.arange(8.0)))(jnp.asarray(f))
+    assert bool(jnp.isfinite(g).all())
