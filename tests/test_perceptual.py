@@ -1,11 +1,16 @@
 """vgg_flax.perceptual against the `lpips` package and direct PyTorch computations of the definitions."""
 
+import os
+import re
+import subprocess
+import sys
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from vgg_flax import perceptual, vgg11
 
@@ -220,3 +225,23 @@ def test_style_loss_gradient_through_a_low_precision_model_is_finite():
 
     g = jax.grad(loss)(x)
     assert bool(jnp.isfinite(g).all()) and float(jnp.abs(g).max()) > 0
+
+
+def test_style_transfer_example_runs_and_lowers_its_loss(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "styled.png"
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run([sys.executable, os.path.join(root, "examples", "style_transfer.py"),
+                          "--size", "32", "--steps", "6", "--lr", "0.05", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    losses = [float(v) for v in re.findall(r"loss (\S+)", run.stdout)]
+    assert len(losses) >= 2 and np.isfinite(losses).all() and losses[-1] < losses[0]
+    assert Image.open(out).size == (32, 32)
+
+
+def test_unit_normalize_gradient_is_finite_at_an_all_zero_pixel():
+    f = np.random.default_rng(15).normal(size=(1, 3, 3, 8)).astype(np.float32)
+    f[0, 1, 1] = 0.0  # a pixel whose ReLU features are all zero: sqrt(0) in the norm
+    g = jax.grad(lambda a: jnp.sum(perceptual.unit_normalize(a) * jnp.arange(8.0)))(jnp.asarray(f))
+    assert bool(jnp.isfinite(g).all())

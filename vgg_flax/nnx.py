@@ -104,7 +104,7 @@ def to_variables(module: VGG) -> dict[str, Any]:
     """The linen variables {"params": ..., "batch_stats": ...} of an NNX VGG (the same arrays)."""
     out = {}
     for collection, var_type in COLLECTIONS.items():
-        tree = nnx.state(module, var_type).to_pure_dict()
+        tree = nnx.to_pure_dict(nnx.state(module, var_type))
         if tree:
             out[collection] = tree
     return out
