@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from vgg_flax import preprocessing
+from vgg_flax.data import sources
 from vgg_flax.data.sources import FOLDER_PREFIX, DatasetInfo, Source, dataset_info, even_shares
 
 __all__ = ["AUGMENTATIONS", "EVAL_VIEWS", "FOLDER_PREFIX", "OPTIONS", "DatasetInfo", "create_dataset",
@@ -54,6 +55,7 @@ OPTIONS: dict[str, Any] = {
     "cache": None,          # keep decoded images in memory; None: when they fit AUTO_CACHE_BYTES
     "shuffle_buffer": None,  # None: the whole split when cached, else 16,384 records
     "download": False,      # let TFDS download a public dataset that is not prepared yet
+    "decode_window": True,  # JPEG bytes: decode only the window a crop reads (the same pixels)
     "threads": None,        # tf.data's private thread pool size (None: TF's default, all cores)
 }
 
@@ -152,6 +154,21 @@ def _decoded(source: Source, cache: bool | None):
     return ds.cache(), True
 
 
+def _transformed(source, ex, transform, *, decoded: bool, window: bool):
+    """(transform(image), ok) of one example: of its cached image, or of its encoded bytes read one
+    window at a time (`vgg_flax.data.regions`: a JPEG decodes only what the transform reads)."""
+    if decoded:
+        return transform(ex["raw"]), ex["ok"]
+    if window and source.decode is sources.decode_bytes:
+        import tensorflow as tf
+
+        from vgg_flax.data import regions
+
+        return regions.on_encoded(transform, ex["raw"]), tf.constant(True)
+    image, ok = source.decode(ex["raw"])
+    return transform(image), ok
+
+
 def _options(threads: int | None):
     import tensorflow as tf
 
@@ -193,9 +210,9 @@ def _train_stream(source, *, batch_size, image_size, seed, start_step, augment, 
     key = tf.constant([seed % (2**31), source.index], tf.int64)
 
     def prepare(position, ex):
-        image, ok = (ex["raw"], ex["ok"]) if decoded else source.decode(ex["raw"])
         rng = tf.random.experimental.stateless_fold_in(key, position)
-        pixels = augment_fn(image, rng)
+        pixels, ok = _transformed(source, ex, lambda image: augment_fn(image, rng), decoded=decoded,
+                                  window=opts["decode_window"])
         return {"image": transforms.normalize(pixels, norm), "label": ex["label"], "mask": ok}
 
     ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).filter(lambda ex: ex["mask"])
@@ -222,8 +239,8 @@ def _eval_stream(source, *, batch_size, image_size, norm, opts):
     examples, decoded = _decoded(source, opts["cache"])
 
     def prepare(ex):
-        image, ok = (ex["raw"], ex["ok"]) if decoded else source.decode(ex["raw"])
-        return {"image": transforms.normalize(view(image), norm), "label": ex["label"], "mask": ok}
+        pixels, ok = _transformed(source, ex, view, decoded=decoded, window=opts["decode_window"])
+        return {"image": transforms.normalize(pixels, norm), "label": ex["label"], "mask": ok}
 
     ds = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     num_batches = math.ceil(max(source.shares) / batch_size)
