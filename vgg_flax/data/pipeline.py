@@ -1,8 +1,10 @@
-"""Input pipelines: TFDS datasets, the embedded digits and image folders, as batches of numpy arrays.
+"""Input pipelines: TFDS datasets, the embedded digits, image folders and in-memory encoded images, as
+batches of numpy arrays.
 
     ds = create_dataset("sklearn_digits", "train", batch_size=128, train=True, image_size=32,
                         augment="shift", normalization="symmetric")
     batch = next(ds)   # {"image": float32[B, 32, 32, 3], "label": int32[B], "mask": bool[B]}
+    ds = from_encoded(jpeg_bytes, labels, batch_size=32, train=True, image_size=224)  # same streams
 
 Names: any prepared TFDS image-classification dataset ("imagenet2012", "cifar10", ...; its "image" and
 "label" features), an embedded dataset (`vgg_flax.datasets.EMBEDDED`, built locally on first use, no
@@ -21,26 +23,25 @@ order; the last batch is padded with `mask` False, and every process yields the 
 (multi-host SPMD needs that) while each real example appears exactly once.
 
 TensorFlow is imported only inside the functions here and is hidden from GPUs/TPUs, so it never takes
-accelerator memory from JAX.
+accelerator memory from JAX (`vgg_flax.data.sources`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from vgg_flax import preprocessing
-from vgg_flax.data import folder
-from vgg_flax.data.embedded import EMBEDDED
+from vgg_flax.data import sources
+from vgg_flax.data.sources import FOLDER_PREFIX, DatasetInfo, Source, dataset_info, even_shares
 
+__all__ = ["AUGMENTATIONS", "EVAL_VIEWS", "FOLDER_PREFIX", "OPTIONS", "DatasetInfo", "create_dataset",
+           "dataset_info", "default_eval_resize", "even_shares", "from_encoded"]
 AUGMENTATIONS = ("paper", "inception", "shift", "flip", "none")
 EVAL_VIEWS = ("center", "full", "multicrop", "whole")
-FOLDER_PREFIX = "folder:"
 AUTO_CACHE_BYTES = 256 * 2**20  # cache=None caches fixed-size datasets up to this size (digits, cifar10)
 # Defaults of `create_dataset(**options)`; anything else is a TypeError.
 OPTIONS: dict[str, Any] = {
@@ -54,95 +55,9 @@ OPTIONS: dict[str, Any] = {
     "cache": None,          # keep decoded images in memory; None: when they fit AUTO_CACHE_BYTES
     "shuffle_buffer": None,  # None: the whole split when cached, else 16,384 records
     "download": False,      # let TFDS download a public dataset that is not prepared yet
+    "decode_window": True,  # JPEG bytes: decode only the window a crop reads (the same pixels)
     "threads": None,        # tf.data's private thread pool size (None: TF's default, all cores)
 }
-logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What a pipeline needs to know about a dataset before reading it.
-
-    Attributes:
-      name: as passed to `dataset_info`.
-      num_classes, class_names: the label space.
-      image_shape: (H, W, 3) when every image has that size (cifar10, the digits), else None.
-    """
-
-    name: str
-    num_classes: int
-    class_names: tuple[str, ...]
-    image_shape: tuple[int, int, int] | None
-    _sizes: Callable[[str], int] = dataclasses.field(repr=False)
-    _skipped: Callable[[str], tuple] = dataclasses.field(repr=False, default=lambda split: ())
-
-    def num_examples(self, split: str) -> int:
-        """Exact number of (readable) examples in a split, TFDS slicing such as "train[:10%]" allowed."""
-        return self._sizes(split)
-
-    def skipped(self, split: str) -> tuple[tuple[str, str], ...]:
-        """(path, reason) of the unreadable files the folder reader skipped in a split; () for TFDS."""
-        return self._skipped(split)
-
-
-def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
-    """The `DatasetInfo` of a TFDS name, an embedded dataset or "folder:/root"."""
-    if name.startswith(FOLDER_PREFIX):
-        root = name[len(FOLDER_PREFIX):]
-        # Class names from the first usual split folder (they are the same in every split), or root.
-        index, _ = folder.folder_split(root, (folder.split_folders(root) or ["all"])[0])
-        return DatasetInfo(name=name, num_classes=len(index.class_names), class_names=index.class_names,
-                           image_shape=None, _sizes=lambda split: _folder_size(root, split),
-                           _skipped=lambda split: folder.folder_split(root, split)[0].skipped)
-    builder = _tfds_builder(name, data_dir, download=False)
-    label, image = builder.info.features["label"], builder.info.features["image"]
-    shape = tuple(image.shape)
-    return DatasetInfo(name=name, num_classes=label.num_classes, class_names=tuple(label.names),
-                       image_shape=shape if None not in shape else None,
-                       _sizes=lambda split: builder.info.splits[split].num_examples)
-
-
-def _folder_size(root: str, split: str) -> int:
-    _, part = folder.folder_split(root, split)
-    return part.stop - part.start
-
-
-def _tfds_builder(name: str, data_dir: str | None, *, download: bool):
-    """A prepared TFDS builder; embedded datasets are built locally (offline) on first use."""
-    _hide_accelerators_from_tensorflow()
-    import tensorflow_datasets as tfds
-
-    if name in EMBEDDED:
-        from vgg_flax.data.embedded import get_builder_class
-
-        cls = get_builder_class(name)
-        builder = cls(data_dir=data_dir)
-        try:
-            builder.download_and_prepare()  # No download: a no-op once built.
-        except Exception:  # Another process (a test, another host) may have built it meanwhile.
-            builder = cls(data_dir=data_dir)
-            if not builder.is_prepared():
-                raise
-        return builder
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
-        if not download:
-            raise FileNotFoundError(
-                f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}; prepare it with `tfds build "
-                f"{name} --data_dir=...` (ImageNet needs its manual download), or pass download=True")
-        builder.download_and_prepare()
-    return builder
-
-
-def _hide_accelerators_from_tensorflow() -> None:
-    """Keeps TensorFlow (used only for input) off GPUs/TPUs, before it initialises them."""
-    import tensorflow as tf
-
-    for kind in ("GPU", "TPU"):
-        try:
-            tf.config.set_visible_devices([], kind)
-        except (RuntimeError, ValueError) as error:  # Already initialised, or no such device type.
-            logger.debug("tf.config.set_visible_devices([], %r): %s", kind, error)
 
 
 def create_dataset(name: str, split: str, *, batch_size: int, train: bool, image_size: int,
@@ -174,7 +89,33 @@ def create_dataset(name: str, split: str, *, batch_size: int, train: bool, image
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    source = _Source.create(name, split, data_dir, process_index, process_count, opts["download"])
+    source = Source.create(name, split, data_dir, process_index, process_count, opts["download"])
+    return _batches(source, batch_size=batch_size, train=train, image_size=image_size, seed=seed,
+                    start_step=start_step, augment=augment, normalization=normalization, opts=opts)
+
+
+def from_encoded(images: Sequence[bytes], labels, *, batch_size: int, train: bool, image_size: int,
+                 seed: int = 0, start_step: int = 0, augment: str = "paper",
+                 normalization: str = "torchvision", process_index: int = 0, process_count: int = 1,
+                 **options) -> Iterator[dict[str, np.ndarray]]:
+    """`create_dataset`'s batches over in-memory encoded images, decoded after the shuffle as a TFDS split.
+
+    For data that is not a TFDS dataset or folder (a web dataset shard, a benchmark, a test):
+    the same order, augmentations, resume and evaluation padding as `create_dataset`.
+
+    Args:
+      images: N encoded images (JPEG, PNG, GIF or BMP bytes), in split order.
+      labels: int[N] class indices.
+      process_index, process_count: this process's even share of the N examples (default: all of them).
+      the rest: as `create_dataset`.
+    """
+    opts = _check_options(options, augment)
+    source = Source.from_encoded(images, labels, process_index, process_count)
+    return _batches(source, batch_size=batch_size, train=train, image_size=image_size, seed=seed,
+                    start_step=start_step, augment=augment, normalization=normalization, opts=opts)
+
+
+def _batches(source, *, batch_size, train, image_size, seed, start_step, augment, normalization, opts):
     norm = preprocessing.get_preset(normalization)
     if train:
         ds = _train_stream(source, batch_size=batch_size, image_size=image_size, seed=seed,
@@ -196,101 +137,7 @@ def _check_options(options: dict, augment: str) -> dict:
     return opts
 
 
-def even_shares(n: int, count: int) -> list[int]:
-    """Sizes of `count` contiguous shares of n examples, the first n % count one larger (as TFDS)."""
-    return [n // count + (1 if i < n % count else 0) for i in range(count)]
-
-
-@dataclasses.dataclass
-class _Source:
-    """One process's undecoded examples {"raw", "label"}, a decoder (raw -> (uint8[H, W, 3], ok)) and
-    every process's share size."""
-
-    raw: Any  # tf.data.Dataset
-    decode: Callable
-    shares: list[int]
-    index: int
-    image_shape: tuple[int, int, int] | None  # every image's (H, W, 3), or None when sizes vary
-    # TFRecord splits: ([(file, skip, take)], parse: serialized record -> {"raw", "label"}), which
-    # lets training shuffle in blocks (vgg_flax.datasets.blocks) and resume without replaying.
-    records: tuple[list[tuple[str, int, int]], Callable] | None = None
-    paths: bool = False  # raw examples are file paths: cheap to hold in a shuffle buffer
-
-    @property
-    def fixed_size(self) -> bool:
-        return self.image_shape is not None
-
-    @classmethod
-    def create(cls, name, split, data_dir, process_index, process_count, download):
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        _hide_accelerators_from_tensorflow()
-        import tensorflow as tf
-
-        if name.startswith(FOLDER_PREFIX):
-            index, part = folder.folder_split(name[len(FOLDER_PREFIX):], split)
-            shares = even_shares(part.stop - part.start, process_count)
-            start = part.start + sum(shares[:process_index])
-            sel = slice(start, start + shares[process_index])
-            raw = tf.data.Dataset.from_tensor_slices(
-                {"raw": np.array(index.files[sel], dtype=str), "label": index.labels[sel]})
-            return cls(raw, _decode_file, shares, process_index, image_shape=None, paths=True)
-        import tensorflow_datasets as tfds
-
-        builder = _tfds_builder(name, data_dir, download=download)
-        parts = tfds.even_splits(split, n=process_count)
-        shares = [builder.info.splits[p].num_examples for p in parts]
-        raw = builder.as_dataset(split=parts[process_index], shuffle_files=False,
-                                 decoders={"image": tfds.decode.SkipDecoding()},
-                                 read_config=tfds.ReadConfig(try_autocache=False))  # cache= decides
-        raw = raw.map(lambda ex: {"raw": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
-        shape = tuple(builder.info.features["image"].shape)
-        return cls(raw, _decode_bytes, shares, process_index, image_shape=None if None in shape else shape,
-                   records=_tfrecord_reading(builder, parts[process_index]))
-
-
-def _tfrecord_reading(builder, split):
-    """(file instructions, record parser) of a TFRecord split, or None for other file formats."""
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
-    if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
-        return None
-    instructions = [(fi.filename, fi.skip, fi.take if fi.take >= 0 else fi.examples_in_shard - fi.skip)
-                    for fi in builder.info.splits[split].file_instructions]
-
-    def parse(record):
-        ex = builder.info.features.deserialize_example(record, decoders={"image": tfds.decode.SkipDecoding()})
-        return {"raw": ex["image"], "label": tf.cast(ex["label"], tf.int32)}
-
-    return instructions, parse
-
-
-def _decode_bytes(raw):
-    import tensorflow as tf
-
-    image = tf.io.decode_image(raw, channels=3, expand_animations=False)
-    return tf.ensure_shape(image, [None, None, 3]), tf.constant(True)
-
-
-def _load_or_blank(path: bytes) -> tuple[np.ndarray, bool]:
-    """A file that passed the scan but fails now (changed on disk) must not kill a long run."""
-    try:
-        return folder.load_rgb(path.decode()), True
-    except Exception as error:  # Any PIL failure.
-        logger.warning("skipping unreadable image %s: %s", path.decode(), error)
-        return np.zeros((1, 1, 3), np.uint8), False
-
-
-def _decode_file(path):
-    """Training drops a file that fails here; evaluation masks it (it is then not counted)."""
-    import tensorflow as tf
-
-    image, ok = tf.numpy_function(_load_or_blank, [path], [tf.uint8, tf.bool], stateful=False)
-    return tf.ensure_shape(image, [None, None, 3]), tf.ensure_shape(ok, [])
-
-
-def _decoded(source: _Source, cache: bool | None):
+def _decoded(source: Source, cache: bool | None):
     """(examples, decoded?): decoding before the shuffle only when caching the decoded images."""
     if cache is None:
         size = source.shares[source.index] * int(np.prod(source.image_shape or (2**40,)))
@@ -305,6 +152,21 @@ def _decoded(source: _Source, cache: bool | None):
 
     ds = source.raw.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.cache(), True
+
+
+def _transformed(source, ex, transform, *, decoded: bool, window: bool):
+    """(transform(image), ok) of one example: of its cached image, or of its encoded bytes read one
+    window at a time (`vgg_flax.data.regions`: a JPEG decodes only what the transform reads)."""
+    if decoded:
+        return transform(ex["raw"]), ex["ok"]
+    if window and source.decode is sources.decode_bytes:
+        import tensorflow as tf
+
+        from vgg_flax.data import regions
+
+        return regions.on_encoded(transform, ex["raw"]), tf.constant(True)
+    image, ok = source.decode(ex["raw"])
+    return transform(image), ok
 
 
 def _options(threads: int | None):
@@ -348,9 +210,9 @@ def _train_stream(source, *, batch_size, image_size, seed, start_step, augment, 
     key = tf.constant([seed % (2**31), source.index], tf.int64)
 
     def prepare(position, ex):
-        image, ok = (ex["raw"], ex["ok"]) if decoded else source.decode(ex["raw"])
         rng = tf.random.experimental.stateless_fold_in(key, position)
-        pixels = augment_fn(image, rng)
+        pixels, ok = _transformed(source, ex, lambda image: augment_fn(image, rng), decoded=decoded,
+                                  window=opts["decode_window"])
         return {"image": transforms.normalize(pixels, norm), "label": ex["label"], "mask": ok}
 
     ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).filter(lambda ex: ex["mask"])
@@ -377,8 +239,8 @@ def _eval_stream(source, *, batch_size, image_size, norm, opts):
     examples, decoded = _decoded(source, opts["cache"])
 
     def prepare(ex):
-        image, ok = (ex["raw"], ex["ok"]) if decoded else source.decode(ex["raw"])
-        return {"image": transforms.normalize(view(image), norm), "label": ex["label"], "mask": ok}
+        pixels, ok = _transformed(source, ex, view, decoded=decoded, window=opts["decode_window"])
+        return {"image": transforms.normalize(pixels, norm), "label": ex["label"], "mask": ok}
 
     ds = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     num_batches = math.ceil(max(source.shares) / batch_size)

@@ -1,11 +1,12 @@
 """Image transforms as TensorFlow ops, for tf.data (imported lazily by `vgg_flax.input_pipeline`).
 
-Images enter as uint8[H, W, 3] RGB of any size and leave as float32 pixels in [0, 255] (normalised last,
-by `normalize`). Training transforms take a stateless seed int64[2], so the pipeline can key every
-example's randomness by its position in the stream (exact resume). Resizing follows torchvision's
-`Resize(short)`: the short side becomes `short`, the long side int(short * long / short_in), bilinear
-with antialiasing (PIL's filter); `CenterCrop` offsets are round((H - crop) / 2), half to even, as
-Python's round.
+Images enter as uint8[H, W, 3] RGB of any size, or as a `vgg_flax.data.regions.Region` (encoded
+JPEG bytes decoded one window at a time, with the same result), and leave as float32 pixels in
+[0, 255] (normalised last, by `normalize`). Training transforms take a stateless seed int64[2], so
+the pipeline can key every example's randomness by its position in the stream (exact resume).
+Resizing follows torchvision's `Resize(short)`: the short side becomes `short`, the long side
+int(short * long / short_in), bilinear with antialiasing (PIL's filter); `CenterCrop` offsets are
+round((H - crop) / 2), half to even, as Python's round.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 import tensorflow as tf
 
 from vgg_flax import preprocessing
+from vgg_flax.data import regions
 
 # AlexNet's PCA lighting (Krizhevsky et al., 2012, Sec. 4.1), which VGG's training also used: the
 # eigenvalues and eigenvectors (columns) of ImageNet's RGB covariance on [0, 1] pixels, as published
@@ -27,10 +29,10 @@ PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
 Transform = Callable[..., tf.Tensor]
 
 
-def short_side_shape(image: tf.Tensor, short) -> tuple[tf.Tensor, tf.Tensor]:
-    """(new_h, new_w) int32 of torchvision's Resize(short) for this image."""
-    shape = tf.shape(image)
-    h, w = shape[0], shape[1]
+def short_side_shape(image, short) -> tuple[tf.Tensor, tf.Tensor]:
+    """(new_h, new_w) int32 of torchvision's Resize(short) for this image (a tensor or a Region)."""
+    src = regions.region(image)
+    h, w = src.height, src.width
     short = tf.cast(short, tf.int32)
     return tf.where(h <= w, short, short * h // w), tf.where(h <= w, short * w // h, short)
 
@@ -40,35 +42,52 @@ def _round(pixels: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(tf.round(pixels), 0.0, 255.0)
 
 
-def resize_short_side(image: tf.Tensor, short, *, round_pixels: bool = False) -> tf.Tensor:
+def resize_short_side(image, short, *, round_pixels: bool = False) -> tf.Tensor:
     """float32[h', w', 3]: `image` resized so its short side is `short` (torchvision's Resize(short))."""
-    out = tf.image.resize(image, tf.stack(short_side_shape(image, short)), method="bilinear",
+    src = regions.region(image)
+    pixels, _, _ = src.read(0, 0, src.height, src.width)
+    out = tf.image.resize(pixels, tf.stack(short_side_shape(src, short)), method="bilinear",
                           antialias=True)
     return _round(out) if round_pixels else out
 
 
-def resized_window(image: tf.Tensor, short, top, left, size: int, *, round_pixels: bool = False):
+def resized_window(image, short, top, left, size: int, *, round_pixels: bool = False):
     """float32[size, size, 3]: resize_short_side(image, short)[top:top + size, left:left + size],
     computing only that window (the same antialiased bilinear filter via scale-and-translate), which
-    makes large training scales (S up to 512) several times cheaper than resizing the whole image."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    new = tf.cast(tf.stack(short_side_shape(image, short)), tf.float32)
+    makes large training scales (S up to 512) several times cheaper than resizing the whole image.
+    Of a Region it reads only the source window the filter reaches (`_filter_span`)."""
+    src = regions.region(image)
+    scale = (tf.cast(tf.stack(short_side_shape(src, short)), tf.float32)
+             / tf.cast(tf.stack([src.height, src.width]), tf.float32))
+    start = tf.cast(tf.stack([top, left]), tf.float32)
+    lo, hi = _filter_span(start, size, scale, tf.stack([src.height, src.width]))
+    pixels, y0, x0 = src.read(lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1])
     out = tf.raw_ops.ScaleAndTranslate(
-        images=tf.cast(image, tf.float32)[None], size=tf.constant([size, size]), scale=new / shape,
-        translation=-tf.cast(tf.stack([top, left]), tf.float32), kernel_type="triangle",
+        images=tf.cast(pixels, tf.float32)[None], size=tf.constant([size, size]), scale=scale,
+        translation=tf.cast(tf.stack([y0, x0]), tf.float32) * scale - start, kernel_type="triangle",
         antialias=True)[0]
     out = tf.ensure_shape(out, [size, size, 3])
     return _round(out) if round_pixels else out
 
 
-def center_offsets(image: tf.Tensor, short, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+def _filter_span(start, size: int, scale, shape):
+    """[lo, hi) int32[2] of the source rows and columns that output pixels start..start + size - 1 of
+    a triangle filter read: output x samples at (x + 0.5) / scale within max(1 / scale, 1), plus a
+    pixel on each side for rounding; clipped to the image."""
+    support = tf.maximum(1.0 / scale, 1.0)
+    lo = tf.cast(tf.floor((start + 0.5) / scale - support - 0.5), tf.int32) - 1
+    hi = tf.cast(tf.math.ceil((start + size - 0.5) / scale + support - 0.5), tf.int32) + 2
+    return tf.maximum(lo, 0), tf.minimum(hi, shape)
+
+
+def center_offsets(image, short, size: int) -> tuple[tf.Tensor, tf.Tensor]:
     """(top, left) of torchvision's CenterCrop(size) after Resize(short): round((H - size) / 2)."""
     new_h, new_w = short_side_shape(image, short)
     half = lambda n: tf.cast(tf.round(tf.cast(n - size, tf.float32) / 2.0), tf.int32)
     return half(new_h), half(new_w)
 
 
-def resize_center_crop(image: tf.Tensor, short, size: int, *, round_pixels: bool = False):
+def resize_center_crop(image, short, size: int, *, round_pixels: bool = False):
     """torchvision's Resize(short) + CenterCrop(size), float32[size, size, 3]."""
     top, left = center_offsets(image, short, size)
     return resized_window(image, short, top, left, size, round_pixels=round_pixels)
@@ -104,11 +123,13 @@ def inception_crop(image, seed, *, size: int, area_range, aspect_range):
     After 10 failed draws the whole image is used (TF's rule; torchvision falls back to a center crop).
     """
     seeds = tf.random.experimental.stateless_split(seed, num=2)
+    src = regions.region(image)
     begin, extent, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seeds[0],
+        tf.stack([src.height, src.width, 3]), bounding_boxes=tf.zeros([1, 0, 4]), seed=seeds[0],
         min_object_covered=area_range[0], aspect_ratio_range=aspect_range, area_range=area_range,
         max_attempts=10, use_image_if_no_bounding_boxes=True)
-    x = tf.image.resize(tf.slice(image, begin, extent), [size, size], method="bilinear", antialias=True)
+    window = regions.crop(src, begin[0], begin[1], extent[0], extent[1])
+    x = tf.image.resize(window, [size, size], method="bilinear", antialias=True)
     x = tf.image.stateless_random_flip_left_right(tf.clip_by_value(x, 0.0, 255.0), seed=seeds[1])
     return tf.ensure_shape(x, [size, size, 3])
 

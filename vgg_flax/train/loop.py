@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vgg_flax.train import checkpoints as ckpt_lib
-from vgg_flax.train import console, lock, metrics_log, optim, steps, warm_start
+from vgg_flax.train import console, lock, metrics_log, optim, prefetch, steps, warm_start
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -268,10 +268,11 @@ def train_loop(run, logger, stop: _StopFlag) -> None:
     """Steps from the restored step to num_train_steps, with logging, eval and checkpoints."""
     c = run.config
     start = int(run.state.step)
-    batches = iter(_local_batches(run, train=True, start_step=start))
+    batches = prefetch.to_device(_local_batches(run, train=True, start_step=start),
+                                 lambda local: steps.global_batch(local, run.mesh), size=2)
     pending, t0 = [], time.time()
     for step in range(start + 1, c.num_train_steps + 1):
-        batch = steps.global_batch(next(batches), run.mesh)
+        batch = next(batches)
         run.state, metrics = run.train_step(run.state, batch)
         pending.append((step, metrics))
         do_eval = step % c.eval_every_steps == 0 or step == c.num_train_steps
