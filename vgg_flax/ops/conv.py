@@ -45,11 +45,8 @@ _winograd_fits = routing.winograd_fits
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
-    """"auto" -> "cpu" on the CPU, "xla" elsewhere; checks the name.
-
-    platform: the platform the program is for ("cpu", "cuda", "rocm", "tpu", or a backend name such
-    as "gpu"); None: the host's default backend, `jax.default_backend()`.
-    """
+    """"auto" -> "cpu" on the CPU, "xla" elsewhere; checks the name. platform: the program's target
+    ("cpu", "cuda", "rocm", "tpu" or "gpu"; None: the host's `jax.default_backend()`)."""
     if impl not in CONV_IMPLS:
         raise KeyError(f"unknown conv_impl {impl!r}; valid: {CONV_IMPLS}")
     if impl == "auto":
