@@ -22,7 +22,7 @@ from vgg_flax.models import (
     vgg19,
     vgg19_bn,
 )
-from vgg_flax.convert.weights import ConversionError, load_pretrained, save_pretrained
+from vgg_flax.convert import ConversionError, load_pretrained, save_pretrained
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from vgg_flax import preprocessing
-from vgg_flax.convert import weights
+from vgg_flax.convert import format as wformat
 
 
 def load_image(path: str | os.PathLike, norm: preprocessing.Normalization) -> np.ndarray:
@@ -50,8 +50,8 @@ def predict_files(weights_path: str | os.PathLike, paths: list[str], k: int = 5,
     """Top-k predictions for image files, with a `save_pretrained` file's model, preset and classes."""
     import jax
 
-    meta = weights.pretrained_metadata(weights_path)
-    model, variables = weights.load_pretrained(weights_path)
+    meta = wformat.pretrained_metadata(weights_path)
+    model, variables = wformat.load_pretrained(weights_path)
     if model.head == "none":
         raise ValueError(f"{weights_path} holds features only (no classifier): nothing to predict")
     norm = preprocessing.get_preset(meta["preprocessing"])

@@ -32,10 +32,15 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from vgg_flax.convert import torch_check
     from vgg_flax.convert import torchvision as convert
 
+    has_torch = importlib.util.find_spec("torch") is not None
+    check = torch_check.self_check if has_torch and not args.no_check else None
     r = convert.convert_file(args.src, args.dst, head=args.head, verify_hash=not args.no_verify_hash,
-                             check=not args.no_check)
+                             check=check)
     if r["hash_prefix"]:
         print(f"sha256 {r['sha256']}: matches the prefix {r['hash_prefix']} in the file name")
     bn = "with" if r["batch_norm"] else "without"
