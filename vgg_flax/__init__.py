@@ -22,7 +22,13 @@ from vgg_flax.models import (
     vgg19,
     vgg19_bn,
 )
-from vgg_flax.convert import ConversionError, load_pretrained, save_pretrained
+from vgg_flax.convert import (
+    ConversionError,
+    from_pretrained,
+    list_pretrained,
+    load_pretrained,
+    save_pretrained,
+)
 
 __version__ = "0.1.0"
 
@@ -47,5 +53,5 @@ __all__ = [
     "CONFIGS", "HEADS", "MODELS", "PYRAMID_TAPS", "VGG", "adaptive_avg_pool", "count_params",
     "get_model", "local_response_norm", "vgg11", "vgg11_bn", "vgg11_lrn", "vgg13", "vgg13_bn",
     "vgg16", "vgg16_bn", "vgg16_c", "vgg19", "vgg19_bn",
-    "ConversionError", "load_torchvision", "to_torchvision", "load_pretrained", "save_pretrained",
+    "ConversionError", "from_pretrained", "list_pretrained", "load_torchvision", "to_torchvision", "load_pretrained", "save_pretrained",
 ]
