@@ -47,7 +47,8 @@ def from_pretrained(source: str | os.PathLike | Mapping[str, Any], *, head: str 
       cache_dir: where downloads and converted weights live (default $VGG_FLAX_HOME or
         ~/.cache/vgg_flax).
       progress: a progress bar on stderr while downloading (only when stderr is a terminal).
-      return_metadata: also return the weights' contract (preprocessing, classes, provenance).
+      return_metadata: also return the weights' contract (preprocessing, classes, source,
+        provenance, path), as `pretrained_metadata` reads it from a `save_pretrained` file.
       **model_kwargs: other VGG fields (dtype, dropout_rate, ...).
     Returns:
       (model, variables), or (model, variables, metadata) with return_metadata.
@@ -69,6 +70,7 @@ def from_pretrained(source: str | os.PathLike | Mapping[str, Any], *, head: str 
             model = model.clone(head="none")
             variables = {**variables, "params": {k: v for k, v in variables["params"].items()
                                                  if not k.startswith(("fc", "head"))}}
+    meta["path"] = path  # the file the weights were read from (the cache's converted file)
     return (model, variables, meta) if return_metadata else (model, variables)
 
 
