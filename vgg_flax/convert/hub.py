@@ -23,7 +23,7 @@ def hub_file(source: str, filename: str = FILENAME) -> str:
     """The local path of `filename` in the hub repo `hf-hub:ORG/REPO[@REVISION]`, downloading it once."""
     try:
         import huggingface_hub
-        from huggingface_hub import errors
+        from huggingface_hub import constants, errors
     except ImportError as e:
         raise ConversionError(f"{source}: hub weights need huggingface_hub (pip install "
                               "'vgg-flax[hub]')") from e
@@ -32,7 +32,7 @@ def hub_file(source: str, filename: str = FILENAME) -> str:
         return huggingface_hub.hf_hub_download(repo, filename, revision=revision or None,
                                                local_files_only=hub_offline())
     except errors.LocalEntryNotFoundError as e:
-        place = os.path.join(huggingface_hub.constants.HF_HUB_CACHE,
+        place = os.path.join(constants.HF_HUB_CACHE,
                              f"models--{repo.replace('/', '--')}", "snapshots", "<revision>", filename)
         raise ConversionError(f"{source}: offline and {filename} is not in the hub cache; place it at "
                               f"{place} (with refs/main naming the revision), or unset HF_HUB_OFFLINE / "

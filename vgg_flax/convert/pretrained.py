@@ -18,8 +18,11 @@ from vgg_flax.convert.errors import ConversionError
 from vgg_flax.convert.hashing import hash_prefix, verify_hash_prefix
 from vgg_flax.convert.torchvision import convert_file, load_torchvision
 from vgg_flax.data.classes import imagenet_classes
+from vgg_flax.models import MODELS
 
 HEADS = ("torchvision", "dense", "none")
+# What conversion must know of a file that is not in a paper config's layout.
+ARCH_FIELDS = ("config", "batch_norm", "num_classes", "fc_width")
 
 
 def list_pretrained() -> list[dict[str, Any]]:
@@ -55,7 +58,8 @@ def from_pretrained(source: str | os.PathLike | Mapping[str, Any], *, head: str 
     """
     if head not in HEADS:
         raise ConversionError(f"head {head!r} has no pretrained weights; use one of {HEADS}")
-    path = _resolve(source, cache_dir, progress)
+    arch = {k: model_kwargs[k] for k in ARCH_FIELDS if k in model_kwargs}
+    path = _resolve(source, cache_dir, progress, arch)
     if path is None or not _is_pretrained_file(path):
         model, variables = load_torchvision(source if path is None else path, head=head, **model_kwargs)
         meta = {"preprocessing": "imagenet1k_features" if model.head == "none" and head != "none"
@@ -74,7 +78,7 @@ def from_pretrained(source: str | os.PathLike | Mapping[str, Any], *, head: str 
     return (model, variables, meta) if return_metadata else (model, variables)
 
 
-def _resolve(source, cache_dir, progress) -> str | None:
+def _resolve(source, cache_dir, progress, arch) -> str | None:
     """A local file for `source` (downloading and converting into the cache); None for a mapping."""
     if isinstance(source, Mapping):
         return None
@@ -82,13 +86,15 @@ def _resolve(source, cache_dir, progress) -> str | None:
     if text.startswith(hub.PREFIX):
         return hub.hub_file(text)
     if text.startswith(("http://", "https://")):
-        return _cached(text, None, cache_dir, progress)
+        return _cached(text, None, cache_dir, progress, arch)
     if os.path.exists(text) or os.sep in text or text.endswith((".pth", ".pt", ".bin", ".safetensors")):
         if not os.path.isfile(text):
             raise FileNotFoundError(f"no weight file at {text}")
         return text
     entry = registry.get(text)
-    return _cached(download.mirrored(entry.url, entry.base), entry, cache_dir, progress)
+    builder = MODELS[entry.builder].keywords  # the file must be the architecture its entry names
+    arch = {"config": builder["config"], "batch_norm": bool(builder.get("batch_norm")), **arch}
+    return _cached(download.mirrored(entry.url, entry.base), entry, cache_dir, progress, arch)
 
 
 def _is_pretrained_file(path: str) -> bool:
@@ -110,7 +116,7 @@ def converted_path(url: str, cache_dir=None) -> str:
     return os.path.join(download.cache_root(cache_dir), "converted", stem + ".safetensors")
 
 
-def _cached(url: str, entry: registry.Pretrained | None, cache_dir, progress) -> str:
+def _cached(url: str, entry: registry.Pretrained | None, cache_dir, progress, arch) -> str:
     """The converted weights of `url` in the cache: converting them once from a download."""
     converted = converted_path(url, cache_dir)
     if os.path.isfile(converted):
@@ -120,7 +126,7 @@ def _cached(url: str, entry: registry.Pretrained | None, cache_dir, progress) ->
                   "license": entry.license if entry else None,
                   "acc1": entry.acc1 if entry else None, "acc5": entry.acc5 if entry else None}
     os.makedirs(os.path.dirname(converted), exist_ok=True)
-    convert_file(raw, converted, verify_hash=False, provenance=provenance)
+    convert_file(raw, converted, verify_hash=False, provenance=provenance, **arch)
     if downloaded:  # the converted file replaces it; torch hub's copy is the user's and stays
         os.remove(raw)
     return converted

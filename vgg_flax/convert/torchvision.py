@@ -149,18 +149,20 @@ def to_torchvision(model: VGG, variables: Mapping[str, Any], layout: str = "torc
 def convert_file(source: str | os.PathLike, destination: str | os.PathLike, *,
                  head: str = "torchvision", verify_hash: bool = True,
                  check: Callable[[VGG, Mapping[str, Any]], tuple[float, float]] | None = None,
-                 provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 provenance: Mapping[str, Any] | None = None, **model_kwargs) -> dict[str, Any]:
     """`vgg-flax convert`: a torchvision/timm file into a `save_pretrained` file, with a report.
 
     Args:
       check: an optional self-check `(model, variables) -> (max abs diff, max abs output)`, e.g.
         `torch_check.self_check` (the caller picks it, so conversion never imports torch code).
       provenance: stored with the weights (see `save_pretrained`).
+      **model_kwargs: config / batch_norm / ... when the file's layout is not a paper config.
     Returns a dict: config, batch_norm, layout, num_classes, head, params (count), preprocessing,
     sha256, hash_prefix (verified, or None), max_abs_diff / max_abs_logit (None without a check).
     """
     prefix, sha256 = verify_hash_prefix(source) if verify_hash else (None, None)
-    model, variables, arch = _convert(read_state_dict(source), head, os.fspath(source), {})
+    model, variables, arch = _convert(read_state_dict(source), head, os.fspath(source),
+                                   model_kwargs)
     features_only = model.head == "none" and head != "none"
     preset = "imagenet1k_features" if features_only else "torchvision"
     sha256 = sha256 or file_sha256(source)
