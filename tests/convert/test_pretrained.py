@@ -225,7 +225,8 @@ def test_fine_tune_from_a_registry_name(env, server, monkeypatch):
         "tiny", "vgg11_bn", name, 0, 0.0, 0.0, 0.0, 0.0, "torchvision"))
     monkeypatch.setenv("VGG_FLAX_MIRROR", server.url)
     server.files["/" + name] = data
-    config = tiny_config(**{"model.config": "A", "model.head": "torchvision", "model.fc_width": 16, "pretrained": "tiny",
+    config = tiny_config(**{"model.config": "A", "model.head": "torchvision", "model.fc_width": 16,
+                            "pretrained": "tiny",
                             "reset_head": True, "num_train_steps": 1, "learning_rate": 0.0})
     state = loop.train_and_evaluate(config, str(env / "run"), datasets=FakeDatasets())
     _, source = vgg_flax.from_pretrained("tiny")

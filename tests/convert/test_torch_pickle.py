@@ -1,7 +1,6 @@
 """The torch-free .pth reader: bit-equal to torch.load(weights_only=True), and safe without torch."""
 
 import collections
-import os
 import pickle
 import subprocess
 import sys
@@ -138,7 +137,8 @@ from vgg_flax.convert import readers
 from vgg_flax.convert.errors import ConversionError
 for fmt in ("zip", "legacy"):
     s = readers.read_state_dict({str(tmp_path)!r} + f"/{{fmt}}.pth")
-    np.savez({str(tmp_path)!r} + f"/{{fmt}}.npz", **{{k: (v.view(np.uint16) if str(v.dtype) == "bfloat16" else v) for k, v in s.items()}})
+    bits = {{k: (v.view(np.uint16) if str(v.dtype) == "bfloat16" else v) for k, v in s.items()}}
+    np.savez({str(tmp_path)!r} + f"/{{fmt}}.npz", **bits)
 for name in ("zip", "legacy", "plain"):
     try:
         readers.read_state_dict({str(tmp_path)!r} + f"/attack_{{name}}.pth")
