@@ -283,3 +283,26 @@ def test_url_without_torch_gives_torchvision_logits_for_every_layout(env, server
     model, variables = vgg_flax.from_pretrained(urls[-1])
     assert _rel_err(model.apply(variables, x, train=False), expected[-1]) <= REL_TOL
     assert hashing.hash_prefix(urls[-1]) in pretrained.converted_path(urls[-1])
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_only(env, server, monkeypatch):
+    from vgg_flax.convert import download
+
+    data = bytes(range(256)) * 20_000
+    server.files["/f.bin"] = data
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    download.fetch(server.url + "/f.bin", str(env / "a.bin"), progress=True)
+    line = terminal.getvalue().rsplit("\r", 1)[-1]
+    assert "f.bin: 5.1 MB / 5.1 MB (100%) ETA 00:00" in line and "MB/s" in line, line
+    terminal.seek(0), terminal.truncate()
+    download.fetch(server.url + "/f.bin", str(env / "b.bin"), progress=False)
+    monkeypatch.setattr(terminal, "isatty", lambda: False)
+    download.fetch(server.url + "/f.bin", str(env / "c.bin"), progress=True)
+    assert terminal.getvalue() == ""
+    assert (env / "c.bin").read_bytes() == data

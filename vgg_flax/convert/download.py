@@ -82,8 +82,8 @@ def fetch(url: str, destination: str, *, sha256_prefix: str | None = None,
         except (OSError, http.client.HTTPException) as e:
             if attempt == _ATTEMPTS:
                 got = os.path.getsize(part) if os.path.exists(part) else 0
-                raise ConversionError(f"{url}: download failed after {got:,} bytes "
-                                      f"({type(e).__name__}: {e}); run again to resume") from e
+                raise ConversionError(f"{url}: download failed after {got:,} bytes ({e}); {part} is "
+                                      "kept so that the next call resumes it") from e
     try:
         digest = check_file(part, url, sha256_prefix)
     except ConversionError:
@@ -105,15 +105,19 @@ def _download(url: str, part: str, progress: bool) -> None:
         total = have + int(length) if length is not None else None
         bar = _Progress(os.path.basename(url), total, have) if progress and sys.stderr.isatty() else None
         with open(part, "ab" if resumed else "wb") as f:
-            while chunk := response.read(_CHUNK):
-                f.write(chunk)
-                have += len(chunk)
-                if bar:
-                    bar.update(have)
+            try:
+                while chunk := response.read(_CHUNK):
+                    f.write(chunk)
+                    have += len(chunk)
+                    if bar:
+                        bar.update(have)
+            except http.client.IncompleteRead as e:
+                f.write(e.partial)
+                have += len(e.partial)
         if bar:
             bar.close()
     if total is not None and have != total:
-        raise http.client.IncompleteRead(b"", total - have)
+        raise ConnectionError(f"the connection closed at byte {have:,} of {total:,}")
 
 
 class _Progress:
