@@ -79,7 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Starting weights.
     c.warm_start_from = ""        # a net A workdir: the paper's warm start of deeper nets
-    c.pretrained = ""             # converted torchvision weights (vgg_flax.convert), for fine-tuning
+    c.pretrained = ""             # weights to fine-tune: a name (vgg16), URL or file (from_pretrained)
     c.reset_head = False          # new classifier for a new class count
     c.freeze_features = False     # train the head only
 

@@ -22,7 +22,7 @@ def get_config():
     c.image_size = 224
     c.augment = "inception"
     c.normalization = "torchvision"
-    c.pretrained = ""             # required: a `vgg-flax convert` output
+    c.pretrained = ""             # required: a name (vgg16, see `vgg-flax weights list`), URL or file
     c.reset_head = True
     c.freeze_features = True
     c.model.config = "D"          # must match the weights (vgg16); "E" for vgg19 ...

@@ -1,6 +1,14 @@
 """vgg-flax: the VGG family (Simonyan & Zisserman, 2014) in JAX/Flax, exact to torchvision."""
 
-from vgg_flax.convert import load_torchvision, to_torchvision
+from vgg_flax.convert import (
+    ConversionError,
+    from_pretrained,
+    list_pretrained,
+    load_pretrained,
+    load_torchvision,
+    save_pretrained,
+    to_torchvision,
+)
 from vgg_flax.models import (
     CONFIGS,
     HEADS,
@@ -22,7 +30,6 @@ from vgg_flax.models import (
     vgg19,
     vgg19_bn,
 )
-from vgg_flax.convert.weights import ConversionError, load_pretrained, save_pretrained
 
 __version__ = "0.1.0"
 
@@ -49,5 +56,6 @@ __all__ = [
     "CONFIGS", "HEADS", "MODELS", "PYRAMID_TAPS", "VGG", "adaptive_avg_pool", "count_params",
     "get_model", "local_response_norm", "vgg11", "vgg11_bn", "vgg11_lrn", "vgg13", "vgg13_bn",
     "vgg16", "vgg16_bn", "vgg16_c", "vgg19", "vgg19_bn",
-    "ConversionError", "load_torchvision", "to_torchvision", "load_pretrained", "save_pretrained",
+    "ConversionError", "from_pretrained", "list_pretrained", "load_torchvision", "to_torchvision",
+    "load_pretrained", "save_pretrained",
 ]

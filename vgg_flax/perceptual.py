@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vgg_flax import models, sources
-from vgg_flax.convert.weights import ConversionError, read_state_dict
+from vgg_flax.convert.errors import ConversionError
+from vgg_flax.convert.readers import read_state_dict
 
 LPIPS_TAPS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 # The `lpips` package's ScalingLayer (v0.1): (x - shift) / scale on [-1, 1] RGB input.

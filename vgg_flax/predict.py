@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from vgg_flax import preprocessing
-from vgg_flax.convert import weights
+from vgg_flax.convert import format as wformat
 
 
 def load_image(path: str | os.PathLike, norm: preprocessing.Normalization) -> np.ndarray:
@@ -48,12 +48,19 @@ def top_k(logits: np.ndarray, classes: list[str] | None, k: int = 5) -> list[lis
 def predict_files(weights_path: str | os.PathLike, paths: list[str], k: int = 5,
                   batch_size: int = 8) -> list[list[tuple[str, float]]]:
     """Top-k predictions for image files, with a `save_pretrained` file's model, preset and classes."""
+    meta = wformat.pretrained_metadata(weights_path)
+    model, variables = wformat.load_pretrained(weights_path)
+    return predict_with(model, variables, meta, paths, k=k, batch_size=batch_size,
+                        where=os.fspath(weights_path))
+
+
+def predict_with(model, variables, meta: dict[str, Any], paths: list[str], k: int = 5,
+                 batch_size: int = 8, where: str = "the weights") -> list[list[tuple[str, float]]]:
+    """Top-k predictions with loaded weights; `meta` gives "preprocessing" and "classes"."""
     import jax
 
-    meta = weights.pretrained_metadata(weights_path)
-    model, variables = weights.load_pretrained(weights_path)
     if model.head == "none":
-        raise ValueError(f"{weights_path} holds features only (no classifier): nothing to predict")
+        raise ValueError(f"{where} holds features only (no classifier): nothing to predict")
     norm = preprocessing.get_preset(meta["preprocessing"])
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     results: list[Any] = []

@@ -3,7 +3,8 @@
 Subcommands:
   models    list the configs and builders with their parameter counts
   convert   torchvision/timm weights (.pth, .safetensors) into a vgg-flax weights file
-  predict   top-5 ImageNet classes of image files with a converted weights file
+  weights   pretrained weights by name: list them, download (and convert) them into the cache
+  predict   top-5 ImageNet classes of image files with pretrained or converted weights
   eval      top-1/top-5 with the paper's test protocols over a TFDS split or an image folder
   plot      training curves of a workdir's metrics.jsonl as a PNG
   train     the training program (same as `python train.py`; its absl flags follow `train`)
@@ -34,10 +35,15 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from vgg_flax.convert import torch_check
     from vgg_flax.convert import torchvision as convert
 
+    has_torch = importlib.util.find_spec("torch") is not None
+    check = torch_check.self_check if has_torch and not args.no_check else None
     r = convert.convert_file(args.src, args.dst, head=args.head, verify_hash=not args.no_verify_hash,
-                             check=not args.no_check)
+                             check=check)
     if r["hash_prefix"]:
         print(f"sha256 {r['sha256']}: matches the prefix {r['hash_prefix']} in the file name")
     bn = "with" if r["batch_norm"] else "without"
@@ -56,10 +62,42 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_list(args: argparse.Namespace) -> int:
+    from vgg_flax.convert import pretrained
+
+    print(f"{'name':<15} {'params':>12} {'acc@1':>7} {'acc@5':>7} {'MB':>6}  preprocessing        url")
+    for r in pretrained.list_pretrained():
+        acc = "   -       -  " if r["features_only"] else f"{r['acc1']:7.3f} {r['acc5']:7.3f}"
+        print(f"{r['name']:<15} {r['params']:>12,} {acc} {r['file_size_mb']:>6.0f}  "
+              f"{r['preprocessing']:<20} {r['url']}")
+    print("aliases: timm's tags (vgg16.tv_in1k ...); hub copies: hf-hub:timm/vgg16.tv_in1k ...; "
+          f"license: {r['license']}")
+    return 0
+
+
+def _weights_download(args: argparse.Namespace) -> int:
+    from vgg_flax.convert import pretrained
+
+    for name in args.names:
+        model, variables, meta = pretrained.from_pretrained(
+            name, cache_dir=args.cache_dir, progress=not args.quiet, return_metadata=True)
+        print(f"{name}: {model.config} batch_norm={model.batch_norm} head={model.head}, "
+              f"preprocessing {meta['preprocessing']!r}, in {meta['path']}")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from vgg_flax import predict
+    from vgg_flax.convert import pretrained
 
-    results = predict.predict_files(args.weights, args.images, k=args.top_k)
+    if bool(args.weights) == bool(args.model):
+        raise SystemExit("vgg-flax predict: give exactly one of --weights and --model")
+    if args.model:
+        model, variables, meta = pretrained.from_pretrained(args.model, return_metadata=True)
+        results = predict.predict_with(model, variables, meta, args.images, k=args.top_k,
+                                       where=args.model)
+    else:
+        results = predict.predict_files(args.weights, args.images, k=args.top_k)
     for path, top in zip(args.images, results, strict=True):
         print(path)
         for rank, (name, prob) in enumerate(top, 1):
@@ -69,8 +107,14 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _eval_source(args: argparse.Namespace):
     """(model, variables, defaults) from a converted weights file or a training workdir."""
-    if bool(args.weights) == bool(args.workdir):
-        raise SystemExit("vgg-flax eval: give exactly one of --weights and --workdir")
+    if sum(map(bool, (args.weights, args.workdir, args.model))) != 1:
+        raise SystemExit("vgg-flax eval: give exactly one of --weights, --model and --workdir")
+    if args.model:
+        from vgg_flax.convert import pretrained
+
+        model, variables, meta = pretrained.from_pretrained(args.model, return_metadata=True)
+        return model, variables, {"normalization": meta["preprocessing"], "split": "validation",
+                                  "image_size": 224, "data_dir": None, "dataset": None}
     if args.weights:
         from vgg_flax.convert import weights
 
@@ -95,7 +139,7 @@ def _eval(args: argparse.Namespace) -> int:
              "data_dir": args.data_dir, "normalization": args.normalization}
     run = {k: defaults[k] if v is None else v for k, v in given.items()}
     if not run["dataset"]:
-        raise SystemExit("vgg-flax eval: --dataset is required with --weights")
+        raise SystemExit("vgg-flax eval: --dataset is required with --weights / --model")
     scales = [int(q) for q in args.scales.split(",")] if args.scales else None
     max_views = evaluation.MAX_VIEWS_PER_CALL if args.max_views is None else args.max_views or None
     results = evaluation.evaluate(
@@ -105,7 +149,7 @@ def _eval(args: argparse.Namespace) -> int:
         dense_images="whole" if args.dense_whole_image else "square", max_views=max_views)
     print(evaluation.format_table(results))
     if args.output:
-        evaluation.save_json(results, args.output, weights=args.weights or args.workdir,
+        evaluation.save_json(results, args.output, weights=args.weights or args.model or args.workdir,
                              dense_whole_image=args.dense_whole_image, **run)
         print(f"saved {args.output}")
     return 0
@@ -149,14 +193,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the self-check against torch")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("predict", help="top-k classes of images with converted weights")
-    p.add_argument("--weights", required=True, help="a file written by `vgg-flax convert`")
+    p = sub.add_parser("weights", help="pretrained weights by name: list, download")
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    w = wsub.add_parser("list", help="the registry: names, accuracy, size, URL, preprocessing")
+    w.set_defaults(func=_weights_list)
+    w = wsub.add_parser("download", help="download and convert into the cache ($VGG_FLAX_HOME)")
+    w.add_argument("names", nargs="+", help="registry names, hf-hub:ORG/REPO or URLs")
+    w.add_argument("--cache-dir", help="default: $VGG_FLAX_HOME or ~/.cache/vgg_flax")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    w.set_defaults(func=_weights_download)
+
+    p = sub.add_parser("predict", help="top-k classes of images with pretrained or converted weights")
+    p.add_argument("--weights", help="a file written by `vgg-flax convert`")
+    p.add_argument("--model", help="pretrained weights by name (vgg16, hf-hub:..., URL; see `weights list`)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("images", nargs="+")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("eval", help="top-1/top-5 with the paper's test protocols")
     p.add_argument("--weights", help="a file written by `vgg-flax convert` (or save_pretrained)")
+    p.add_argument("--model", help="pretrained weights by name (vgg16, hf-hub:..., URL)")
     p.add_argument("--workdir", help="a training workdir (its config gives the dataset defaults)")
     p.add_argument("--which", default="latest", choices=("latest", "best"), help="workdir checkpoint")
     p.add_argument("--dataset", help="TFDS name, 'sklearn_digits' or 'folder:/path'")

@@ -97,9 +97,9 @@ def initial_variables(config, model, rng: jax.Array) -> dict:
         _, net_a = ckpt_lib.load_for_inference(config.warm_start_from)
         return warm_start.paper_warm_start(variables, net_a)
     if config.pretrained:
-        from vgg_flax.convert import weights  # a `vgg-flax convert` output (safetensors + metadata)
+        from vgg_flax.convert import pretrained  # a name, URL, torchvision file or save_pretrained file
 
-        _, source = weights.load_pretrained(config.pretrained)
+        _, source = pretrained.from_pretrained(config.pretrained)
         source = jax.device_get(source)
         return warm_start.fine_tune_start(variables, source, reset_head=config.reset_head)
     return variables
