@@ -1,7 +1,8 @@
 r"""The training program's command line (absl flags + ml_collections config files).
 
 `python train.py ...` and `vgg-flax train ...` both run `run()`: parse flags, initialise
-jax.distributed when asked, call `training.train_and_evaluate(config, workdir)`. Nothing else.
+jax.distributed when asked (`vgg_flax.parallel`), call `loop.train_and_evaluate(config, workdir)`.
+Nothing else.
 
     python train.py --workdir /tmp/vgg_digits                         # configs/default.py
     python train.py --config configs/imagenet_vgg16.py --workdir DIR --config.global_batch_size=512
@@ -46,12 +47,12 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_quiet_orbax)
-    from vgg_flax import perf
+    from vgg_flax import parallel, perf
     from vgg_flax.train import loop as training  # after flag parsing: importing JAX is slow
 
     cache = perf.enable_compilation_cache()  # a restarted run loads its compiled steps from disk
     logging.info("compilation cache: %s", cache or "off")
-    training.initialize_distributed(FLAGS.distributed or "JAX_COORDINATOR_ADDRESS" in os.environ)
+    parallel.initialize_distributed(FLAGS.distributed or "JAX_COORDINATOR_ADDRESS" in os.environ)
     logging.info("config:\n%s", FLAGS.config)
     try:
         training.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -7,7 +7,8 @@ process killed mid-save leaves no step that looks finished; a step that is never
 (a disk error, a file truncated by hand) is moved aside to `checkpoints_corrupt/` with a warning and
 the previous step is restored instead.
 
-Retention: the last `keep` steps plus the best one by `eval_top1`.
+Retention: the last `keep` steps plus the best one by `eval_top1`. The `checkpoints` config section
+is `Checkpoints`' keyword arguments (every_steps, keep, async_save).
 """
 
 from __future__ import annotations
@@ -42,11 +43,16 @@ class Checkpoints:
 
     Args:
       workdir: the run's directory.
+      every_steps: the training loop saves at multiples of this step count (`due`).
       keep: how many of the latest steps to keep (the best by eval_top1 is kept as well).
       async_save: write in a background thread while training continues.
     """
 
-    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, *, every_steps: int = 1, keep: int = 3, async_save: bool = True):
+        for name, value in (("every_steps", every_steps), ("keep", keep)):
+            if value <= 0:
+                raise ValueError(f"config.checkpoints.{name} must be positive, got {value}")
+        self.every_steps = every_steps
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
         self.keep, self.async_save = keep, async_save
@@ -67,6 +73,10 @@ class Checkpoints:
             cleanup_tmp_directories=True, create=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         return ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether the loop saves after `step` (every `every_steps`, and the last step)."""
+        return step % self.every_steps == 0 or step == last_step
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -194,12 +204,21 @@ def read_config(workdir: str) -> dict:
         return json.load(f)
 
 
-def model_from_config(model_cfg: dict, *, num_classes: int, dtype: str = "float32"):
-    """The VGG module a config's `model` section describes (see configs/default.py)."""
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_from_config(model_cfg: dict, *, num_classes: int, dtype: str | None = None):
+    """The VGG module a config's `model` section describes (see configs/default.py).
+
+    `dtype` (the compute dtype; parameters stay float32) overrides the section's `dtype`.
+    """
     import jax.numpy as jnp
 
     from vgg_flax import models
 
+    dtype = dtype or model_cfg.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype must be one of {DTYPES}, not {dtype!r}")
     kwargs = dict(batch_norm=model_cfg["batch_norm"], head=model_cfg["head"],
                   num_classes=num_classes, dropout_rate=model_cfg["dropout_rate"],
                   fc_width=model_cfg["fc_width"], small_head_width=model_cfg["small_head_width"],
@@ -256,7 +275,7 @@ def load_for_inference(workdir: str, *, which: str = "latest"):
     finally:
         ckpt.close()
     num_classes = int(np.shape(jax.tree_util.tree_leaves(_classifier(state["params"]))[-1])[-1])
-    model = model_from_config(config["model"], num_classes=num_classes)
+    model = model_from_config(config["model"], num_classes=num_classes, dtype="float32")
     variables = {"params": state["params"]}
     if state.get("batch_stats"):
         variables["batch_stats"] = state["batch_stats"]
