@@ -183,6 +183,12 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     assert os.listdir(tmp_path / "b" / "checkpoints_corrupt")
     for k in expected:
         np.testing.assert_array_equal(final[k], expected[k], err_msg=k)
+    metas = []
+    for d in "ab":  # the plateau rule's state came back too: 2 reductions (steps 3 and 6) in both
+        ckpt = checkpoints.Checkpoints(str(tmp_path / d), async_save=False)
+        metas.append(ckpt.read_meta(6)["plateau"])
+        ckpt.close()
+    assert metas[0] == metas[1] and metas[0]["reductions"] == 2
     rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert [r["learning_rate"] for r in rows if r["step"] in (3, 4) and "learning_rate" in r] == \
         pytest.approx([0.05, 0.005])  # min_delta 2: every eval "stalls", so the eval at 3 divided by 10

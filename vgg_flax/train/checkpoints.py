@@ -120,7 +120,7 @@ class Checkpoints:
         want = _shapes(abstract_state)
         for step in reversed(self.all_steps()):
             try:
-                meta, saved = self._read_meta(step), _shapes(self._state_metadata(step))
+                meta, saved = self.read_meta(step), _shapes(self._state_metadata(step))
             except Exception as err:  # orbax raises many types for damaged files
                 self._warn_and_quarantine(step, err)
                 continue
@@ -135,7 +135,8 @@ class Checkpoints:
                 self._warn_and_quarantine(step, err)
         return None
 
-    def _read_meta(self, step: int) -> dict:
+    def read_meta(self, step: int) -> dict:
+        """The JSON item saved with `step` (the plateau rule's state, the class count)."""
         ocp = _ocp()
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
