@@ -66,9 +66,9 @@ def jax_runner(name, args):
     """(train_fn, infer_fn, info) for our model; each fn runs one step and blocks."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     import vgg_flax
+    from vgg_flax import parallel
     from vgg_flax.train import optim, steps
 
     model = vgg_flax.get_model(name, num_classes=args.classes, head=args.head, conv_impl=args.conv,
@@ -84,11 +84,10 @@ def jax_runner(name, args):
     if args.step == "plain":
         step, state = plain_step(model, own)
     else:
-        tx = optim.make_optimizer(name="sgd", momentum=0.9)
+        tx = optim.make_optimizer(name="sgd", momentum=0.9, learning_rate=0.01)
         state = steps.create_state(model=model, tx=tx, variables=own, rng=jax.random.key(1))
-        mesh = steps.create_mesh()
-        step = steps.make_train_step(mesh, steps.state_sharding_like(state, mesh), model=model, tx=tx,
-                                     schedule=optax.constant_schedule(0.01))
+        mesh = parallel.create_mesh()
+        step = steps.make_train_step(mesh, steps.state_sharding_like(state, mesh), model=model, tx=tx)
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
     t1 = time.perf_counter()

@@ -1,6 +1,6 @@
 r"""The paper's net D (VGG16) on ImageNet-1k, with configs/imagenet_vgg16.py's recipe.
 
-    python train.py --config configs/vgg16.py --workdir /ckpt/vgg16 --config.data_dir=/data/tfds
+    python train.py --config configs/vgg16.py --workdir /ckpt/vgg16 --config.data.data_dir=/data/tfds
 
 The paper warm-started the deeper nets from a trained A: add
 --config.warm_start_from=/ckpt/vgg11 (its first four convs and three FC layers are copied).

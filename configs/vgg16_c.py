@@ -1,7 +1,7 @@
 r"""The paper's net C (VGG16 with 1x1 convs in blocks 3-5),
 on ImageNet-1k with configs/imagenet_vgg16.py's recipe.
 
-    python train.py --config configs/vgg16_c.py --workdir /ckpt/vgg16_c --config.data_dir=/data/tfds
+    python train.py --config configs/vgg16_c.py --workdir /ckpt/vgg16_c --config.data.data_dir=/data/tfds
 
 The paper warm-started the deeper nets from a trained A: add
 --config.warm_start_from=/ckpt/vgg11 (its first four convs and three FC layers are copied).

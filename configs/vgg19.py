@@ -1,6 +1,6 @@
 r"""The paper's net E (VGG19) on ImageNet-1k, with configs/imagenet_vgg16.py's recipe.
 
-    python train.py --config configs/vgg19.py --workdir /ckpt/vgg19 --config.data_dir=/data/tfds
+    python train.py --config configs/vgg19.py --workdir /ckpt/vgg19 --config.data.data_dir=/data/tfds
 
 The paper warm-started the deeper nets from a trained A: add
 --config.warm_start_from=/ckpt/vgg11 (its first four convs and three FC layers are copied).

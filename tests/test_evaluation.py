@@ -178,9 +178,9 @@ def test_cli_eval_reads_a_training_workdir(tmp_path, capsys):
     config = module.get_config()
     config.model.config = "8,M,8,M"
     config.model.small_head_width = 0
-    config.data_dir = str(tmp_path / "tfds")
-    config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
-    config.tensorboard, config.progress, config.async_checkpoints = False, "none", False
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.num_train_steps = config.eval.every_steps = config.checkpoints.every_steps = 2
+    config.log.tensorboard, config.log.progress, config.checkpoints.async_save = False, "none", False
     workdir = str(tmp_path / "run")
     training.train_and_evaluate(config, workdir)
     out = tmp_path / "eval.json"

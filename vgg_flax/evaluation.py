@@ -34,7 +34,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
+
+from vgg_flax import parallel
+from vgg_flax.topk import topk_hits
 
 PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")
 # The input pipeline's view of each basic protocol.
@@ -152,84 +156,43 @@ def posteriors(model, variables, name: str, split: str, *, protocol: str, scale:
     max_pixels = None if max_views is None else max_views * image_size**2
     fn = posterior_fn(model, protocol, max_pixels=max_pixels, shards=1 if mesh is None else mesh.size)
     if mesh is not None:
-        variables = _replicate(variables, mesh)
+        variables = jax.device_put(variables, parallel.replicated(mesh))
     batches = input_pipeline.create_dataset(
         name, split, batch_size=batch_size, train=False, image_size=image_size, data_dir=data_dir,
         normalization=normalization, process_index=process_index, process_count=process_count,
         eval_views=view, eval_resize=scale, multicrop_grid=multicrop_grid)
     probs, labels = [], []
     for batch in batches:
-        out = _local_rows(fn(variables, _shard(batch["image"], mesh)), mesh)
+        images = batch["image"] if mesh is None else parallel.global_array(batch["image"], mesh)
+        out = parallel.local_rows(fn(variables, images), mesh)
         probs.append(out[batch["mask"]])
         labels.append(batch["label"][batch["mask"]])
     return np.concatenate(probs), np.concatenate(labels)
 
 
 def _data_mesh(batch_size: int):
-    """A 1-D "data" mesh over every device when there are several (None: plain single-device jit)."""
-    import jax
-
+    """The "data" mesh over every device when there are several (None: plain single-device jit)."""
     if jax.device_count() == 1:
         return None
     if batch_size % jax.local_device_count():
         raise ValueError(f"batch_size {batch_size} must be a multiple of the {jax.local_device_count()} "
                          "local devices")
-    return jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-
-
-def _replicate(variables, mesh):
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    return jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
-
-
-def _shard(images: np.ndarray, mesh):
-    """This process's batch as its rows of a global batch sharded over the "data" axis."""
-    if mesh is None:
-        return images
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("data")), images)
-
-
-def _local_rows(out, mesh) -> np.ndarray:
-    """This process's rows of a (possibly multi-host) output, as numpy."""
-    import jax
-
-    if mesh is None or jax.process_count() == 1:
-        return np.asarray(out)
-    from jax.experimental import multihost_utils
-    from jax.sharding import PartitionSpec
-
-    return np.asarray(multihost_utils.global_array_to_host_local_array(out, mesh, PartitionSpec("data")))
+    return parallel.create_mesh()
 
 
 def topk_correct(probs: np.ndarray, labels: np.ndarray, k: int) -> int:
-    """How many rows rank their label among the k highest posteriors (ties: the lower index first)."""
-    k = min(k, probs.shape[-1])
-    top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    return int((top == labels[:, None]).any(axis=-1).sum())
+    """How many rows rank their label among the k highest posteriors (`vgg_flax.topk`'s tie rule:
+    the lower index first)."""
+    return int(np.sum(topk_hits(probs, labels, k)))
 
 
 def metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float | int]:
     """{"top1", "top5", "count"}: sums over this process, summed over all processes, divided once."""
     sums = np.asarray([topk_correct(probs, labels, 1), topk_correct(probs, labels, 5), len(labels)],
                       np.int64)
-    sums = _sum_over_processes(sums)
+    sums = parallel.sum_over_processes(sums)
     count = int(sums[2])
     return {"top1": float(sums[0] / max(count, 1)), "top5": float(sums[1] / max(count, 1)), "count": count}
-
-
-def _sum_over_processes(values: np.ndarray) -> np.ndarray:
-    import jax
-
-    if jax.process_count() == 1:
-        return values
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
 
 
 def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,

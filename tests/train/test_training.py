@@ -21,10 +21,14 @@ import pytest
 import train_harness
 from train_harness import FakeDatasets, flat_params, tiny_config
 
-from vgg_flax.train import checkpoints, optim, steps, warm_start
+from vgg_flax import parallel
+from vgg_flax.train import checkpoints, optim, warm_start
 from vgg_flax.train import loop as training
 
 HARNESS = os.path.join(train_harness.ROOT, "tests", "train", "train_harness.py")
+# The reference runs use the paper's plateau rule with every evaluation "stalling" (min_delta 2), so
+# the eval at step 3 divides the rate by 10: resumes and multi-process runs must carry that scale.
+PLATEAU = {"schedule.name": "plateau", "schedule.patience": 1, "schedule.min_delta": 2.0}
 
 
 def _env(devices: int, **extra) -> dict:
@@ -58,19 +62,19 @@ def _assert_close(a: dict, b: dict):
 def reference(tmp_path_factory):
     """The uninterrupted 1-device subprocess run every multi-device/resume run is compared with."""
     d = tmp_path_factory.mktemp("ref")
-    return _run(d / "work", d / "out.npz")
+    return _run(d / "work", d / "out.npz", PLATEAU)
 
 
 def test_eight_devices_equal_one(reference, tmp_path):
     """Batch sharded over 8 devices, BatchNorm statistics over the global batch: same parameters."""
-    eight = _run(tmp_path / "work", tmp_path / "out.npz", devices=8)
+    eight = _run(tmp_path / "work", tmp_path / "out.npz", PLATEAU, devices=8)
     assert any(k.startswith("batch_stats") for k in eight)
     _assert_close(reference, eight)
 
 
 def test_eight_devices_equal_one_with_grad_accumulation(tmp_path):
     """Micro-batches keep the data sharding: 2 micro-batches of 8 over 8 devices == on 1 device."""
-    kw = {"grad_accum_steps": 2, "global_batch_size": 16, "num_train_steps": 3}
+    kw = {"step.grad_accum_steps": 2, "global_batch_size": 16, "num_train_steps": 3}
     eight = _run(tmp_path / "work8", tmp_path / "out.npz", overrides=kw, devices=8)
     one = flat_params(_train(tmp_path / "work1", **kw))
     _assert_close(one, eight)
@@ -85,7 +89,8 @@ def _free_port() -> int:
 def test_two_processes_equal_one(reference, tmp_path):
     """jax.distributed on localhost: each process feeds its half of every global batch."""
     port = _free_port()
-    procs = [_launch(tmp_path / "work", tmp_path / "out.npz", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+    procs = [_launch(tmp_path / "work", tmp_path / "out.npz", PLATEAU,
+                     JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                      JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)) for i in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
@@ -108,14 +113,14 @@ def _wait_for_step(workdir, step: int, proc, timeout=120):
 def test_kill9_then_resume_is_bit_exact(reference, tmp_path):
     """SIGKILL between checkpoints (maybe mid async save); the same command again ends bit-exact."""
     work = tmp_path / "work"
-    proc = _launch(work, tmp_path / "out.npz", extra_args=("--sleep", "0.4"))
+    proc = _launch(work, tmp_path / "out.npz", PLATEAU, extra_args=("--sleep", "0.4"))
     _wait_for_step(work, 3, proc)
     proc.kill()
     proc.wait()
     assert not os.path.exists(tmp_path / "out.npz")
     with open(work / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "train_lo')  # as if killed in the middle of writing a row
-    resumed = _run(work, tmp_path / "out.npz")
+    resumed = _run(work, tmp_path / "out.npz", PLATEAU)
     for k in reference:
         np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
     rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
@@ -129,7 +134,7 @@ def test_kill9_then_resume_is_bit_exact(reference, tmp_path):
 
 def test_sigterm_saves_then_resume_is_bit_exact(reference, tmp_path):
     work = tmp_path / "work"
-    proc = _launch(work, tmp_path / "out.npz", extra_args=("--sleep", "0.4"))
+    proc = _launch(work, tmp_path / "out.npz", PLATEAU, extra_args=("--sleep", "0.4"))
     _wait_for_step(work, 3, proc)
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=120)
@@ -139,14 +144,14 @@ def test_sigterm_saves_then_resume_is_bit_exact(reference, tmp_path):
     stopped_at = saved.latest_step()
     saved.close()
     assert 3 <= stopped_at < 6  # saved where the signal found it, not only at the regular saves
-    resumed = _run(work, tmp_path / "out.npz")
+    resumed = _run(work, tmp_path / "out.npz", PLATEAU)
     for k in reference:
         np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
 
 
-def _train(workdir, datasets=None, **overrides):
+def _train(workdir, datasets=None, optimizer=None, **overrides):
     return training.train_and_evaluate(tiny_config(**overrides), str(workdir),
-                                       datasets=datasets or FakeDatasets())
+                                       datasets=datasets or FakeDatasets(), optimizer=optimizer)
 
 
 def test_nan_loss_names_step_and_keeps_last_checkpoint(tmp_path):
@@ -169,7 +174,7 @@ def _corrupt_step(workdir, step):
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     # The plateau schedule: its state (after the eval at step 3) must come back from step 4's checkpoint.
-    kw = {"schedule": "plateau", "plateau_patience": 1, "plateau_min_delta": 2.0}
+    kw = PLATEAU
     expected = flat_params(_train(tmp_path / "a", **kw))
     _train(tmp_path / "b", **kw)
     _corrupt_step(tmp_path / "b", 6)
@@ -178,6 +183,12 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     assert os.listdir(tmp_path / "b" / "checkpoints_corrupt")
     for k in expected:
         np.testing.assert_array_equal(final[k], expected[k], err_msg=k)
+    metas = []
+    for d in "ab":  # the plateau rule's state came back too: 2 reductions (steps 3 and 6) in both
+        ckpt = checkpoints.Checkpoints(str(tmp_path / d), async_save=False)
+        metas.append(ckpt.read_meta(6)["plateau"])
+        ckpt.close()
+    assert metas[0] == metas[1] and metas[0]["reductions"] == 2
     rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert [r["learning_rate"] for r in rows if r["step"] in (3, 4) and "learning_rate" in r] == \
         pytest.approx([0.05, 0.005])  # min_delta 2: every eval "stalls", so the eval at 3 divided by 10
@@ -190,26 +201,39 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
 
 def test_bad_configs_fail_before_compute(tmp_path):
     with pytest.raises(KeyError, match="learning_rat"):
-        tiny_config(learning_rat=0.1)  # the ConfigDict is locked: typos are errors
+        tiny_config(**{"schedule.learning_rat": 0.1})  # the ConfigDict is locked: typos are errors
+    with pytest.raises(KeyError, match="num_train_step"):
+        tiny_config(num_train_step=3)
     with pytest.raises(KeyError, match="unknown optimizer"):
-        _train(tmp_path / "a", optimizer="adam_typo")
+        _train(tmp_path / "a", **{"optim.name": "adam_typo"})
     with pytest.raises(ValueError, match="does not divide over 8 devices"):
-        steps.check_batch_divides(global_batch_size=12, num_devices=8)
+        parallel.check_batch_divides(global_batch_size=12, num_devices=8)
     with pytest.raises(ValueError, match="grad_accum_steps=3"):
-        _train(tmp_path / "b", grad_accum_steps=3)
+        _train(tmp_path / "b", **{"step.grad_accum_steps": 3})
     with pytest.raises(ValueError, match="dataset 'no_such_data'"):
-        _train(tmp_path / "c", dataset="no_such_data")
-    for d in "abc":
+        _train(tmp_path / "c", **{"data.dataset": "no_such_data"})
+    with pytest.raises(KeyError, match="unknown schedule"):
+        _train(tmp_path / "d", **{"schedule.name": "cosin"})
+    with pytest.raises(ValueError, match="config.eval.batch_size must be positive"):
+        _train(tmp_path / "e", **{"eval.batch_size": 0})
+    with pytest.raises(ValueError, match="config.checkpoints.keep must be positive"):
+        _train(tmp_path / "f", **{"checkpoints.keep": 0})
+    with pytest.raises(ValueError, match="config.model.dtype must be one of"):
+        _train(tmp_path / "g", **{"model.dtype": "float64"})
+    with pytest.raises(KeyError, match="no injected 'lr_scale'"):  # plateau with a plain optax optimizer
+        _train(tmp_path / "h", optimizer=optax.sgd(0.1), **{"schedule.name": "plateau"})
+    for d in "abcdefgh":
         assert not os.path.exists(tmp_path / d / "checkpoints" / "2")
 
 
 def test_class_count_mismatch_is_one_clear_error(tmp_path):
     _train(tmp_path / "a", num_train_steps=2)
     with pytest.raises(warm_start.WeightsMismatchError, match="3 classes but the run has 5"):
-        _train(tmp_path / "a", num_train_steps=4, num_classes=5)  # resuming another class count
+        _train(tmp_path / "a", num_train_steps=4, **{"data.num_classes": 5})  # another class count
     # A net A workdir with 3 classes warm-starting a 5-class deeper net.
     with pytest.raises(warm_start.WeightsMismatchError, match="has 3 classes but the run has 5"):
-        _train(tmp_path / "b", num_classes=5, warm_start_from=str(tmp_path / "a"), **_fc_model("D"))
+        _train(tmp_path / "b", warm_start_from=str(tmp_path / "a"), **{"data.num_classes": 5},
+               **_fc_model("D"))
 
 
 def _fc_model(letter: str) -> dict:
@@ -223,7 +247,7 @@ def test_paper_warm_start_copies_first_four_convs_and_fcs(tmp_path):
     _train(tmp_path / "a", num_train_steps=2, **_fc_model("A"))
     _, net_a = checkpoints.load_for_inference(str(tmp_path / "a"))
     state = _train(tmp_path / "d", num_train_steps=1, warm_start_from=str(tmp_path / "a"),
-                   learning_rate=0.0, **_fc_model("D"))
+                   **{"schedule.learning_rate": 0.0}, **_fc_model("D"))
     params = jax.device_get(state.params)
     for name in warm_start.PAPER_WARM_START_LAYERS:
         np.testing.assert_array_equal(params[name]["kernel"], net_a["params"][name]["kernel"], err_msg=name)
@@ -234,13 +258,13 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
     """Without BatchNorm and dropout, 2 micro-batches give the full batch's gradient."""
     kw = {"model.batch_norm": False, "model.dropout_rate": 0.0, "num_train_steps": 3}
     one = flat_params(_train(tmp_path / "a", **kw))
-    two = flat_params(_train(tmp_path / "b", grad_accum_steps=2, **kw))
+    two = flat_params(_train(tmp_path / "b", **{"step.grad_accum_steps": 2}, **kw))
     _assert_close(one, two)
 
 
 def test_freeze_features_trains_the_head_only(tmp_path):
-    state0 = _train(tmp_path / "a", num_train_steps=1, learning_rate=0.0)
-    state = _train(tmp_path / "b", num_train_steps=3, freeze_features=True)
+    state0 = _train(tmp_path / "a", num_train_steps=1, **{"schedule.learning_rate": 0.0})
+    state = _train(tmp_path / "b", num_train_steps=3, **{"optim.freeze_features": True})
     p0, p = jax.device_get(state0.params), jax.device_get(state.params)
     np.testing.assert_array_equal(p["conv1_1"]["kernel"], p0["conv1_1"]["kernel"])
     assert not np.array_equal(p["head_out"]["kernel"], p0["head_out"]["kernel"])
@@ -250,7 +274,7 @@ def test_sgd_weight_decay_equals_l2_penalty_in_the_loss():
     """add_decayed_weights before the momentum trace == gradient of wd/2 ||w||^2 (the paper's)."""
     params = {"k": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
     grads = {"k": jnp.full((2, 3), 0.5), "b": jnp.full(3, 0.25)}
-    tx = optim.make_optimizer(name="sgd", momentum=0.9, weight_decay=5e-4)
+    tx = optim.direction(name="sgd", momentum=0.9, weight_decay=5e-4)
     updates, _ = tx.update(grads, tx.init(params), params)
     penalty = jax.grad(lambda p: 5e-4 / 2 * jnp.sum(p["k"] ** 2))(params)
     np.testing.assert_allclose(updates["k"], grads["k"] + penalty["k"], rtol=1e-6)
@@ -274,7 +298,9 @@ def test_plateau_divides_by_ten_after_patience_and_at_most_max_times():
 
 @pytest.mark.parametrize("name", optim.SCHEDULES)
 def test_schedules(name):
-    s = optim.make_schedule(name=name, base_lr=1.0, num_steps=100, warmup_steps=10, boundaries=(50,))
+    s, plateau = optim.make_schedule(name=name, learning_rate=1.0, num_steps=100, warmup_steps=10,
+                                     boundaries=(50,))
+    assert (plateau is not None) == (name == "plateau")
     lr = [float(s(jnp.asarray(t))) for t in (0, 5, 10, 60, 100)]
     assert lr[0] == 0.0 and lr[1] == pytest.approx(0.5) and lr[2] == pytest.approx(1.0)
     expected_late = {"constant": 1.0, "plateau": 1.0, "step": 0.1, "cosine": None}[name]
@@ -300,20 +326,21 @@ def test_fine_tune_from_pretrained_file_new_head(tmp_path):
     variables = {"params": jax.device_get(src.params), "batch_stats": jax.device_get(src.batch_stats)}
     weights.save_pretrained(tmp_path / "w.safetensors", model, variables, preprocessing="symmetric")
     with pytest.raises(warm_start.WeightsMismatchError, match="3 classes but the run has 5"):
-        _train(tmp_path / "a", num_classes=5, pretrained=str(tmp_path / "w.safetensors"))
-    state = _train(tmp_path / "b", num_classes=5, num_train_steps=1, learning_rate=0.0, reset_head=True,
-                   pretrained=str(tmp_path / "w.safetensors"))
+        _train(tmp_path / "a", **{"data.num_classes": 5}, pretrained=str(tmp_path / "w.safetensors"))
+    state = _train(tmp_path / "b", num_train_steps=1, reset_head=True,
+                   pretrained=str(tmp_path / "w.safetensors"),
+                   **{"data.num_classes": 5, "schedule.learning_rate": 0.0})
     np.testing.assert_array_equal(jax.device_get(state.params["conv2_1"]["kernel"]),
                                   variables["params"]["conv2_1"]["kernel"])
     assert state.params["head_out"]["kernel"].shape == (16, 5)
 
 
 def test_remat_is_the_same_computation_and_bf16_trains(tmp_path):
-    kw = {"num_train_steps": 2, "checkpoint_every_steps": 100, "eval_every_steps": 100}
+    kw = {"num_train_steps": 2, "checkpoints.every_steps": 100, "eval.every_steps": 100}
     plain = flat_params(_train(tmp_path / "a", **kw))
-    remat = flat_params(_train(tmp_path / "b", remat=True, **kw))
+    remat = flat_params(_train(tmp_path / "b", **{"step.remat": True}, **kw))
     _assert_close(plain, remat)
-    bf16 = _train(tmp_path / "c", dtype="bfloat16", **kw)
+    bf16 = _train(tmp_path / "c", **{"model.dtype": "bfloat16"}, **kw)
     assert jax.tree_util.tree_leaves(bf16.params)[0].dtype == jnp.float32  # float32 parameters
     rows = [json.loads(line) for line in open(tmp_path / "c" / "metrics.jsonl")]
     assert all(np.isfinite(r.get("train_loss", 0.0)) for r in rows)
@@ -329,13 +356,17 @@ def test_every_config_is_locked_valid_and_builds(name):
     sys.path.insert(0, train_harness.ROOT)
     config = train_harness.load_config_module(name).get_config()
     assert config.is_locked
-    training.check_config(config)
-    model = checkpoints.model_from_config(config.model.to_dict(), num_classes=7, dtype=config.dtype)
+    tx, plateau = training.build_optimizer(config)  # each section checks itself where it is used
+    assert (plateau is not None) == (config.schedule.name == "plateau")
+    training.EvalSpec(**config.eval), training.LogSpec(**config.log)
+    model = checkpoints.model_from_config(config.model.to_dict(), num_classes=7)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     assert shapes["params"][{"small": "head_out"}.get(model.head, "fc3")]["bias"].shape == (7,)
     if name.startswith("vgg") or name == "imagenet_vgg16":
-        assert (config.optimizer, config.momentum, config.weight_decay) == ("sgd", 0.9, 5e-4)
-        assert (config.learning_rate, config.schedule, config.global_batch_size) == (1e-2, "plateau", 256)
+        assert (config.optim.name, config.optim.momentum, config.optim.weight_decay) == ("sgd", 0.9, 5e-4)
+        assert (config.schedule.learning_rate, config.schedule.name, config.global_batch_size) == \
+            (1e-2, "plateau", 256)
+        assert model.dtype == jnp.bfloat16
 
 
 def test_metrics_log_rows_tensorboard_and_resume_truncation(tmp_path):
@@ -376,3 +407,15 @@ def test_checkpoints_keep_the_latest_k_and_the_best(tmp_path):
     ckpt.close()
     np.testing.assert_array_equal(restored["w"], [2.0, 2.0, 2.0])
     assert meta == {"num_classes": 3}
+
+
+def test_a_user_built_optax_optimizer_trains_through_the_loop(tmp_path):
+    """optax's own adamw (rate injected, so it is logged) in place of config.optim/config.schedule."""
+    tx = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3, weight_decay=1e-4)
+    state0 = _train(tmp_path / "a", num_train_steps=1, **{"schedule.learning_rate": 0.0})
+    state = _train(tmp_path / "b", optimizer=tx, num_train_steps=3)
+    assert isinstance(optax.tree_utils.tree_get(state.opt_state, "mu"), dict)  # Adam's first moment
+    p0, p = jax.device_get(state0.params), jax.device_get(state.params)
+    assert not np.array_equal(p["conv1_1"]["kernel"], p0["conv1_1"]["kernel"])
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["learning_rate"] for r in rows if "train_loss" in r] == pytest.approx([1e-3] * 3)

@@ -6,7 +6,8 @@ can be compared with one-device runs on exactly the same global batches. Run as 
 one config in a fresh process (so XLA_FLAGS / jax.distributed can be set before JAX starts) and
 saves the final parameters to an .npz file:
 
-    python tests/train/train_harness.py WORKDIR OUT.npz '{"num_train_steps": 6}' [--nan-at 3] [--sleep 0.1]
+    python tests/train/train_harness.py WORKDIR OUT.npz '{"num_train_steps": 6, "schedule.name": "plateau"}' \
+        [--nan-at 3] [--sleep 0.1]
 """
 
 from __future__ import annotations
@@ -39,18 +40,18 @@ def tiny_config(**overrides):
     config.model.config = "8,M,16,M"
     config.model.small_head_width = 16
     config.model.dropout_rate = 0.1
-    config.dataset = "fake"
-    config.num_classes = 0
+    config.data.dataset = "fake"
+    config.data.num_classes = 0
     config.global_batch_size = 8
-    config.eval_batch_size = 16
+    config.eval.batch_size = 16
     config.num_train_steps = 6
-    config.eval_every_steps = 3
-    config.checkpoint_every_steps = 2
-    config.log_every_steps = 1
-    config.warmup_steps = 0
-    config.learning_rate = 0.05
-    config.tensorboard = False
-    config.progress = "none"
+    config.eval.every_steps = 3
+    config.checkpoints.every_steps = 2
+    config.log.every_steps = 1
+    config.schedule.warmup_steps = 0
+    config.schedule.learning_rate = 0.05
+    config.log.tensorboard = False
+    config.log.progress = "none"
     for key, value in overrides.items():
         section, _, leaf = key.rpartition(".")
         (config[section] if section else config)[leaf] = value
@@ -132,9 +133,10 @@ def main(argv: list[str]) -> int:
     workdir, out_path, overrides = argv[0], argv[1], json.loads(argv[2])
     nan_at = int(argv[argv.index("--nan-at") + 1]) if "--nan-at" in argv else -1
     sleep = float(argv[argv.index("--sleep") + 1]) if "--sleep" in argv else 0.0
+    from vgg_flax import parallel
     from vgg_flax.train import loop as training
 
-    training.initialize_distributed("JAX_COORDINATOR_ADDRESS" in os.environ)
+    parallel.initialize_distributed("JAX_COORDINATOR_ADDRESS" in os.environ)
     state = training.train_and_evaluate(tiny_config(**overrides), workdir,
                                         datasets=FakeDatasets(nan_at_step=nan_at, sleep=sleep))
     import jax

@@ -125,10 +125,10 @@ def _eval_source(args: argparse.Namespace):
     from vgg_flax.train import checkpoints
 
     model, variables = checkpoints.load_for_inference(args.workdir, which=args.which)
-    cfg = checkpoints.read_config(args.workdir)
-    return model, variables, {"normalization": cfg["normalization"], "split": cfg["eval_split"],
-                              "image_size": cfg["image_size"], "data_dir": cfg["data_dir"] or None,
-                              "dataset": cfg["dataset"]}
+    data = checkpoints.read_config(args.workdir)["data"]
+    return model, variables, {"normalization": data["normalization"], "split": data["eval_split"],
+                              "image_size": data["image_size"], "data_dir": data["data_dir"] or None,
+                              "dataset": data["dataset"]}
 
 
 def _eval(args: argparse.Namespace) -> int:

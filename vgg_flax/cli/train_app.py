@@ -1,7 +1,8 @@
 r"""The training program's command line (absl flags + ml_collections config files).
 
 `python train.py ...` and `vgg-flax train ...` both run `run()`: parse flags, quiet the console,
-initialise jax.distributed when asked, call `training.train_and_evaluate(config, workdir)`.
+initialise jax.distributed when asked (`vgg_flax.parallel`), call `loop.train_and_evaluate(config,
+workdir)`.
 
     python train.py --workdir /tmp/vgg_digits                       # the packaged `default` config
     python train.py --config imagenet_vgg16 --workdir DIR --config.global_batch_size=512
@@ -25,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vgg_flax import configs as packaged_configs
-from vgg_flax import perf
+from vgg_flax import parallel, perf
 from vgg_flax.cli import errors
 from vgg_flax.train import loop as training
 
@@ -95,7 +96,7 @@ def main(argv: list[str]) -> None:
     quiet_console(FLAGS.verbose)
     cache = perf.enable_compilation_cache()  # a restarted run loads its compiled steps from disk
     logging.info("compilation cache: %s", cache or "off")
-    training.initialize_distributed(FLAGS.distributed or "JAX_COORDINATOR_ADDRESS" in os.environ)
+    parallel.initialize_distributed(FLAGS.distributed or "JAX_COORDINATOR_ADDRESS" in os.environ)
     logging.info("config:\n%s", FLAGS.config)
     try:
         status = errors.run_command("train", _train, debug=FLAGS.debug)

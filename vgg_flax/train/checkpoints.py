@@ -7,7 +7,8 @@ process killed mid-save leaves no step that looks finished; a step that is never
 (a disk error, a file truncated by hand) is moved aside to `checkpoints_corrupt/` with a warning and
 the previous step is restored instead.
 
-Retention: the last `keep` steps plus the best one by `eval_top1`.
+Retention: the last `keep` steps plus the best one by `eval_top1`. The `checkpoints` config section
+is `Checkpoints`' keyword arguments (every_steps, keep, async_save).
 """
 
 from __future__ import annotations
@@ -44,11 +45,16 @@ class Checkpoints:
 
     Args:
       workdir: the run's directory.
+      every_steps: the training loop saves at multiples of this step count (`due`).
       keep: how many of the latest steps to keep (the best by eval_top1 is kept as well).
       async_save: write in a background thread while training continues.
     """
 
-    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: str, *, every_steps: int = 1, keep: int = 3, async_save: bool = True):
+        for name, value in (("every_steps", every_steps), ("keep", keep)):
+            if value <= 0:
+                raise ValueError(f"config.checkpoints.{name} must be positive, got {value}")
+        self.every_steps = every_steps
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
         self.keep, self.async_save = keep, async_save
@@ -69,6 +75,10 @@ class Checkpoints:
             cleanup_tmp_directories=True, create=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         return ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether the loop saves after `step` (every `every_steps`, and the last step)."""
+        return step % self.every_steps == 0 or step == last_step
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -112,7 +122,7 @@ class Checkpoints:
         want = _shapes(abstract_state)
         for step in reversed(self.all_steps()):
             try:
-                meta, saved = self._read_meta(step), _shapes(self._state_metadata(step))
+                meta, saved = self.read_meta(step), _shapes(self._state_metadata(step))
             except Exception as err:  # orbax raises many types for damaged files
                 self._warn_and_quarantine(step, err)
                 continue
@@ -127,7 +137,8 @@ class Checkpoints:
                 self._warn_and_quarantine(step, err)
         return None
 
-    def _read_meta(self, step: int) -> dict:
+    def read_meta(self, step: int) -> dict:
+        """The JSON item saved with `step` (the plateau rule's state, the class count)."""
         ocp = _ocp()
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
@@ -198,8 +209,17 @@ def read_config(workdir: str) -> dict:
         return json.load(f)
 
 
-def model_from_config(model_cfg: dict, *, num_classes: int, dtype: str = "float32"):
-    """The VGG module a config's `model` section describes (see configs/default.py)."""
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def model_from_config(model_cfg: dict, *, num_classes: int, dtype: str | None = None):
+    """The VGG module a config's `model` section describes (see configs/default.py).
+
+    `dtype` (the compute dtype; parameters stay float32) overrides the section's `dtype`.
+    """
+    dtype = dtype or model_cfg.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype must be one of {DTYPES}, not {dtype!r}")
     return VGG.from_config(model_cfg, num_classes=num_classes, dtype=dtype)
 
 
@@ -228,7 +248,7 @@ def load_for_inference(workdir: str, *, which: str = "latest"):
     finally:
         ckpt.close()
     num_classes = int(np.shape(jax.tree_util.tree_leaves(_classifier(state["params"]))[-1])[-1])
-    model = model_from_config(config["model"], num_classes=num_classes)
+    model = model_from_config(config["model"], num_classes=num_classes, dtype="float32")
     variables = {"params": state["params"]}
     if state.get("batch_stats"):
         variables["batch_stats"] = state["batch_stats"]

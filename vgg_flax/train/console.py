@@ -23,23 +23,22 @@ def _devices() -> str:
     return f"{jax.device_count()} x {', '.join(kinds)} ({jax.default_backend()}){hosts}"
 
 
-def header(config, workdir: str, *, params, datasets, num_classes: int, start_step: int) -> str:
+def header(config, workdir: str, *, params, num_classes: int, num_examples: dict[str, int],
+           start_step: int) -> str:
     """Model, parameter count, dataset and split sizes, devices, workdir and where the run starts.
 
     Args:
       config: the run's ConfigDict; params: the model's parameters (any array type);
-      datasets: the pipeline module (or a stand-in) for the split sizes.
+      num_examples: {split: examples} of the train and eval splits.
     """
-    m = config.model
-    info = datasets.dataset_info(config.dataset, data_dir=config.data_dir or None)
-    sizes = ", ".join(f"{split} {info.num_examples(split):,}" for split in (config.train_split,
-                                                                           config.eval_split))
+    m, d = config.model, config.data
+    sizes = ", ".join(f"{split} {n:,}" for split, n in num_examples.items())
     bn = ", BatchNorm" if m.batch_norm else ""
     start = f"resuming at step {start_step}" if start_step else "from step 0"
     return "\n".join([
         f"model     VGG {m.config}{bn}, {m.head} head, {num_classes} classes, "
-        f"{models.count_params(params):,} parameters, {config.dtype}",
-        f"data      {config.dataset} {config.image_size}px: {sizes} (train/eval examples)",
+        f"{models.count_params(params):,} parameters, {m.dtype}",
+        f"data      {d.dataset} {d.image_size}px: {sizes} (train/eval examples)",
         f"devices   {_devices()}, global batch {config.global_batch_size}",
         f"workdir   {os.path.abspath(workdir)} ({start}, {config.num_train_steps} steps)"])
 

@@ -1,27 +1,32 @@
 """The training program: `train_and_evaluate(config, workdir)` and the pieces it wires together.
 
-One run: check everything that can be checked before compute (config keys and names, the batch
-against the device count, the dataset, the class count against starting weights), build the model,
-optimizer and a replicated TrainState, resume from the newest readable checkpoint, then loop: a jitted
-`train_step` per global batch, evaluation every `eval_every_steps` (feeding the plateau rule),
-checkpoints every `checkpoint_every_steps`, at the end and on SIGTERM/SIGINT. The data order is a
-function of (seed, step) and dropout keys are folded from (seed, step), so a run killed at any
+One run: check everything that can be checked before compute (each config section where it is used,
+the batch against the device count, the dataset, the class count against starting weights), build the
+model, optimizer and a replicated TrainState, resume from the newest readable checkpoint, then loop:
+a jitted `train_step` per global batch, evaluation every `eval.every_steps` (feeding the plateau
+rule), checkpoints every `checkpoints.every_steps`, at the end and on SIGTERM/SIGINT. The data order
+is a function of (seed, step) and dropout keys are folded from (seed, step), so a run killed at any
 moment and restarted with the same command ends with the same parameters as one never interrupted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import signal
 import time
-from types import SimpleNamespace
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import Mesh
 
+from vgg_flax import parallel
+from vgg_flax.convert import pretrained as pretrained_weights
+from vgg_flax.data import pipeline as input_pipeline
 from vgg_flax.train import checkpoints as ckpt_lib
 from vgg_flax.train import console, lock, metrics_log, optim, prefetch, steps, warm_start
 
@@ -38,181 +43,203 @@ class Interrupted(Exception):
         self.signum, self.step = signum, step
 
 
-def initialize_distributed(enabled: bool) -> None:
-    """`jax.distributed.initialize()` for multi-process runs (before any other JAX call).
+def _check_positive(section: str, **values: int) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise ValueError(f"config.{section}{key} must be positive, got {value}")
 
-    With no arguments JAX finds the cluster itself (Cloud TPU, SLURM, Open MPI, Kubernetes) or reads
-    JAX_COORDINATOR_ADDRESS; JAX_NUM_PROCESSES and JAX_PROCESS_ID complete a hand-made cluster.
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """This process's share of the run's splits; `make_data` builds it from the `data` section."""
+
+    datasets: Any  # `create_dataset` and `dataset_info`, as vgg_flax.data.pipeline
+    dataset: str
+    train_split: str
+    eval_split: str
+    options: dict  # create_dataset's keyword arguments shared by both splits
+    train_options: dict
+    num_classes: int
+    num_train_examples: int
+    num_eval_examples: int
+
+    def split_sizes(self) -> dict[str, int]:
+        return {self.train_split: self.num_train_examples, self.eval_split: self.num_eval_examples}
+
+    def train_batches(self, global_batch_size: int, start_step: int):
+        """Batches from `start_step` on: per-process batch = global batch / process count."""
+        return self.datasets.create_dataset(
+            self.dataset, self.train_split, batch_size=global_batch_size // jax.process_count(),
+            train=True, start_step=start_step, **self.options, **self.train_options)
+
+    def eval_batches(self, global_batch_size: int):
+        """One pass over the eval split, the same batch count on every process (padding masked)."""
+        local = global_batch_size // jax.process_count()
+        size = self.options["image_size"]
+        num = parallel.batches_per_process(self.num_eval_examples, local, jax.process_count())
+        batches = self.datasets.create_dataset(self.dataset, self.eval_split, batch_size=local,
+                                               train=False, **self.options)
+        return parallel.padded(batches, num, parallel.blank_batch(local, (size, size, 3)))
+
+
+def make_data(datasets, *, seed: int, dataset: str, data_dir: str, train_split: str, eval_split: str,
+              image_size: int, augment: str, normalization: str, scale_range, num_classes: int) -> Data:
+    """The `data` config section, after checking that the dataset and its splits exist.
+
+    num_classes: 0 for the dataset's. scale_range: (min, max) short side for augment="paper"
+    ((0, 0): fixed). data_dir: "" for TFDS's default.
     """
-    import os
-
-    if not enabled:
-        return
-    kwargs = {}
-    if "JAX_NUM_PROCESSES" in os.environ:
-        kwargs = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                      process_id=int(os.environ["JAX_PROCESS_ID"]))
-    jax.distributed.initialize(**kwargs)
-
-
-def _datasets_module():
-    from vgg_flax.data import pipeline as input_pipeline
-
-    return input_pipeline
-
-
-def check_config(config) -> None:
-    """Names and numbers that would otherwise fail late; unknown keys fail at the config itself."""
-    if config.optimizer not in optim.OPTIMIZERS:
-        raise KeyError(f"unknown optimizer {config.optimizer!r}; valid: {optim.OPTIMIZERS}")
-    if config.schedule not in optim.SCHEDULES:
-        raise KeyError(f"unknown schedule {config.schedule!r}; valid: {optim.SCHEDULES}")
-    if config.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, not {config.dtype!r}")
-    if config.warm_start_from and config.pretrained:
-        raise ValueError("set at most one of warm_start_from and pretrained")
-    for key in ("num_train_steps", "global_batch_size", "eval_batch_size", "log_every_steps",
-                "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "grad_accum_steps"):
-        if config[key] <= 0:
-            raise ValueError(f"config.{key} must be positive, got {config[key]}")
-
-
-def dataset_classes(config, datasets) -> int:
-    """The class count, after checking that the dataset and its splits exist (before compute)."""
     try:
-        info = datasets.dataset_info(config.dataset, data_dir=config.data_dir or None)
-        for split in (config.train_split, config.eval_split):
-            info.num_examples(split)
+        info = datasets.dataset_info(dataset, data_dir=data_dir or None)
+        num_train = info.num_examples(train_split)
+        num_eval = info.num_examples(eval_split)
     except Exception as err:
-        raise ValueError(f"dataset {config.dataset!r} (splits {config.train_split!r}, "
-                         f"{config.eval_split!r}) is not available: {err}") from err
-    return config.num_classes or int(info.num_classes)
+        raise ValueError(f"dataset {dataset!r} (splits {train_split!r}, {eval_split!r}) is not "
+                         f"available: {err}") from err
+    options = dict(image_size=image_size, data_dir=data_dir or None, seed=seed,
+                   normalization=normalization, process_index=jax.process_index(),
+                   process_count=jax.process_count())
+    train_options = {"augment": augment, **({"scale_range": tuple(scale_range)} if any(scale_range) else {})}
+    return Data(datasets, dataset, train_split, eval_split, options, train_options,
+                num_classes or int(info.num_classes), num_train, num_eval)
 
 
-def initial_variables(config, model, rng: jax.Array) -> dict:
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """The `eval` config section: every how many steps, and the global eval batch size."""
+
+    every_steps: int
+    batch_size: int
+
+    def __post_init__(self):
+        _check_positive("eval.", every_steps=self.every_steps, batch_size=self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSpec:
+    """The `log` config section: a metrics row every `every_steps`, TensorBoard, the console."""
+
+    every_steps: int
+    tensorboard: bool
+    progress: str  # auto | bar | lines | none
+
+    def __post_init__(self):
+        _check_positive("log.", every_steps=self.every_steps)
+
+    def open(self, workdir: str, *, total_steps: int, start_step: int) -> metrics_log.MetricsLogger:
+        return metrics_log.MetricsLogger(workdir, total_steps=total_steps, start_step=start_step,
+                                         tensorboard=self.tensorboard, progress=self.progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the loop needs besides the TrainState, built once by `setup`."""
+
+    mesh: Mesh
+    data: Data
+    train_step: Callable
+    eval_step: Callable
+    ckpt: ckpt_lib.Checkpoints
+    plateau: optim.Plateau | None  # None unless schedule.name == "plateau"
+    eval: EvalSpec
+    log: LogSpec
+    num_train_steps: int
+    global_batch_size: int
+
+
+def initial_variables(model, rng: jax.Array, *, image_size: int, warm_start_from: str = "",
+                      pretrained: str = "", reset_head: bool = False) -> dict:
     """Fresh variables, or those of a warm start (net A) / fine-tuning source, as numpy."""
-    size = config.image_size
-    variables = jax.device_get(jax.jit(model.init)(rng, jnp.zeros((1, size, size, 3), model.dtype)))
-    if config.warm_start_from:
-        _, net_a = ckpt_lib.load_for_inference(config.warm_start_from)
+    if warm_start_from and pretrained:
+        raise ValueError("set at most one of config.warm_start_from and config.pretrained")
+    shape = (1, image_size, image_size, 3)
+    variables = jax.device_get(jax.jit(model.init)(rng, jnp.zeros(shape, model.dtype)))
+    if warm_start_from:
+        _, net_a = ckpt_lib.load_for_inference(warm_start_from)
         return warm_start.paper_warm_start(variables, net_a)
-    if config.pretrained:
-        from vgg_flax.convert import pretrained  # a name, URL, torchvision file or save_pretrained file
-
-        _, source = pretrained.from_pretrained(config.pretrained)
+    if pretrained:  # a registry name, URL, torchvision/timm file or save_pretrained file
+        _, source = pretrained_weights.from_pretrained(pretrained)
         source = jax.device_get(source)
-        return warm_start.fine_tune_start(variables, source, reset_head=config.reset_head)
+        return warm_start.fine_tune_start(variables, source, reset_head=reset_head)
     return variables
 
 
-def build_optimizer(config):
-    """(optax transformation, schedule) from the config's optimizer section."""
-    freeze = optim.feature_mask if config.freeze_features else None
-    tx = optim.make_optimizer(name=config.optimizer, momentum=config.momentum, nesterov=config.nesterov,
-                              weight_decay=config.weight_decay, b1=config.adam_b1, b2=config.adam_b2,
-                              eps=config.adam_eps, grad_clip_norm=config.grad_clip_norm, freeze=freeze)
-    schedule = optim.make_schedule(name=config.schedule, base_lr=config.learning_rate,
-                                   num_steps=config.num_train_steps, warmup_steps=config.warmup_steps,
-                                   boundaries=tuple(config.lr_boundaries), factor=config.lr_factor,
-                                   end_lr_fraction=config.cosine_end_fraction)
-    return tx, schedule
+def build_optimizer(config, optimizer: optax.GradientTransformation | None = None):
+    """(optax transformation, plateau rule or None) from the `optim` and `schedule` sections, or
+    `optimizer` as given (the plateau schedule then needs its injected `lr_scale`)."""
+    schedule, plateau = optim.make_schedule(num_steps=config.num_train_steps, **config.schedule)
+    tx = optimizer or optim.make_optimizer(learning_rate=schedule, **config.optim)
+    return tx, plateau
 
 
-def make_plateau(config) -> optim.Plateau:
-    return optim.Plateau(factor=config.lr_factor, patience=config.plateau_patience,
-                         min_delta=config.plateau_min_delta, max_reductions=config.plateau_max_reductions)
-
-
-def setup(config, workdir: str, datasets) -> SimpleNamespace:
+def setup(config, workdir: str, datasets, optimizer=None) -> tuple[Run, steps.TrainState]:
     """Everything before the loop: checks, model, optimizer, (restored) state, compiled steps."""
-    check_config(config)
-    mesh = steps.create_mesh()
-    steps.check_batch_divides(global_batch_size=config.global_batch_size, num_devices=mesh.size,
-                              grad_accum_steps=config.grad_accum_steps, num_processes=jax.process_count())
-    steps.check_batch_divides(global_batch_size=config.eval_batch_size, num_devices=mesh.size,
-                              num_processes=jax.process_count())
-    num_classes = dataset_classes(config, datasets)
-    model = ckpt_lib.model_from_config(config.model.to_dict(), num_classes=num_classes, dtype=config.dtype)
+    _check_positive("", num_train_steps=config.num_train_steps, global_batch_size=config.global_batch_size)
+    tx, plateau = build_optimizer(config, optimizer)
+    eval_spec, log_spec = EvalSpec(**config.eval), LogSpec(**config.log)
+    mesh = parallel.create_mesh()
+    for size, accum in ((config.global_batch_size, config.step.grad_accum_steps), (eval_spec.batch_size, 1)):
+        parallel.check_batch_divides(global_batch_size=size, num_devices=mesh.size, grad_accum_steps=accum,
+                                     num_processes=jax.process_count())
+    data = make_data(datasets, seed=config.seed, **config.data)
+    model = ckpt_lib.model_from_config(config.model.to_dict(), num_classes=data.num_classes)
     init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
-    variables = initial_variables(config, model, init_rng)
-    tx, schedule = build_optimizer(config)
+    variables = initial_variables(model, init_rng, image_size=config.data.image_size,
+                                  warm_start_from=config.warm_start_from, pretrained=config.pretrained,
+                                  reset_head=config.reset_head)
     state = steps.create_state(model=model, tx=tx, variables=variables, rng=state_rng)
+    if plateau is not None:
+        optim.set_lr_scale(state.opt_state, 1.0)  # fails now, not at the first plateau
     shardings = steps.state_sharding_like(state, mesh)
-    state = jax.device_put(state, shardings)
-    run = SimpleNamespace(config=config, workdir=workdir, datasets=datasets, mesh=mesh, model=model,
-                          schedule=schedule, num_classes=num_classes, plateau=make_plateau(config))
-    run.ckpt = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints,
-                                    async_save=config.async_checkpoints)
-    run.state = _resume(run, state, shardings)
-    run.train_step = steps.make_train_step(mesh, shardings, model=model, tx=tx, schedule=schedule,
-                                           grad_accum_steps=config.grad_accum_steps, remat=config.remat)
-    run.eval_step = steps.make_eval_step(mesh, shardings, model=model)
+    ckpt = ckpt_lib.Checkpoints(workdir, **config.checkpoints)
+    state = _resume(ckpt, jax.device_put(state, shardings), shardings, data.num_classes, plateau)
+    run = Run(mesh=mesh, data=data, ckpt=ckpt, plateau=plateau, eval=eval_spec, log=log_spec,
+              train_step=steps.make_train_step(mesh, shardings, model=model, tx=tx, **config.step),
+              eval_step=steps.make_eval_step(mesh, shardings, model=model),
+              num_train_steps=config.num_train_steps, global_batch_size=config.global_batch_size)
     ckpt_lib.write_config(workdir, config.to_dict())
-    return run
+    return run, state
 
 
-def _resume(run, state, shardings):
+def _resume(ckpt, state, shardings, num_classes: int, plateau):
     """The newest good checkpoint's state (plateau restored), or `state` when there is none."""
     def validate(meta):
-        if int(meta["num_classes"]) != run.num_classes:
+        if int(meta["num_classes"]) != num_classes:
             raise warm_start.WeightsMismatchError(
-                f"the checkpoints in {run.ckpt.directory} have {meta['num_classes']} classes but the run "
-                f"has {run.num_classes}; use a new workdir")
+                f"the checkpoints in {ckpt.directory} have {meta['num_classes']} classes but the run "
+                f"has {num_classes}; use a new workdir")
 
-    restored = run.ckpt.restore_latest_good(ckpt_lib.abstract_like(state, shardings), validate=validate)
+    restored = ckpt.restore_latest_good(ckpt_lib.abstract_like(state, shardings), validate=validate)
     if restored is None:
         return state
     state, meta = restored
-    run.plateau.load_state_dict(meta["plateau"])
+    if plateau is not None and "plateau" in meta:  # (a run started with another schedule has none)
+        plateau.load_state_dict(meta["plateau"])
     logging.info("resumed from step %d", int(state.step))
     return state
 
 
-def _local_batches(run, *, train: bool, start_step: int = 0):
-    """This process's share of the data: per-process batch = global batch / process count."""
-    c = run.config
-    size = (c.global_batch_size if train else c.eval_batch_size) // jax.process_count()
-    options = {"scale_range": tuple(c.scale_range)} if train and any(c.scale_range) else {}
-    return run.datasets.create_dataset(
-        c.dataset, c.train_split if train else c.eval_split, batch_size=size, train=train,
-        image_size=c.image_size, data_dir=c.data_dir or None, seed=c.seed, start_step=start_step,
-        augment=c.augment, normalization=c.normalization, process_index=jax.process_index(),
-        process_count=jax.process_count(), **options)
+def evaluate_run(run: Run, state) -> dict[str, float]:
+    """Exact masked metrics of `state` over the whole eval split (padding rows count for nothing).
 
-
-def evaluate(run) -> dict[str, float]:
-    """Exact masked metrics over the whole eval split (padding rows count for nothing).
-
-    Every process runs the same number of batches (the largest any process can need); a process
-    whose shard is shorter feeds all-masked batches, so the collective program never deadlocks.
+    Every process runs the same number of batches (`Data.eval_batches`), so the collective program
+    never deadlocks.
     """
-    c = run.config
-    local = c.eval_batch_size // jax.process_count()
-    n = run.datasets.dataset_info(c.dataset, data_dir=c.data_dir or None).num_examples(c.eval_split)
-    num_batches = math.ceil(math.ceil(n / jax.process_count()) / local)
-    batches = iter(_local_batches(run, train=False))
     totals = None
-    for _ in range(num_batches):
-        batch = next(batches, None)
-        if batch is None:
-            batch = {"image": np.zeros((local, c.image_size, c.image_size, 3), np.float32),
-                     "label": np.zeros((local,), np.int32), "mask": np.zeros((local,), bool)}
-        out = run.eval_step(run.state, steps.global_batch(batch, run.mesh))
+    for batch in run.data.eval_batches(run.eval.batch_size):
+        out = run.eval_step(state, parallel.global_batch(batch, run.mesh))
         totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
     t = jax.device_get(totals)
     count = max(float(t["count"]), 1.0)
     return {f"eval_{k}": float(t[k]) / count for k in ("loss", "top1", "top5")}
 
 
-def _meta(run) -> dict:
-    return {"num_classes": run.num_classes, "plateau": run.plateau.state_dict()}
+def _meta(run: Run) -> dict:
+    plateau = {"plateau": run.plateau.state_dict()} if run.plateau is not None else {}
+    return {"num_classes": run.data.num_classes, **plateau}
 
 
-def _save(run, metrics: dict | None = None) -> None:
-    run.ckpt.save(int(run.state.step), run.state, _meta(run), metrics)
-
-
-def _flush(run, pending: list, start_time: float, logger) -> float:
+def _flush(run: Run, pending: list, start_time: float, logger) -> float:
     """Checks the pending steps' losses (raising at the first non-finite one) and logs a row."""
     if not pending:
         return start_time
@@ -223,9 +250,10 @@ def _flush(run, pending: list, start_time: float, logger) -> float:
             raise NonFiniteLossError(f"training loss is {row['train_loss']} at step {step}; " + (
                 f"the checkpoint of step {kept} is intact" if kept is not None else "no checkpoint yet"))
     now = time.time()
-    row = {"step": pending[-1][0], "learning_rate": rows[-1]["learning_rate"],
+    lr = {"learning_rate": rows[-1]["learning_rate"]} if "learning_rate" in rows[-1] else {}
+    row = {"step": pending[-1][0], **lr,
            **{k: float(np.mean([r[k] for r in rows])) for k in ("train_loss", "train_accuracy")},
-           "images_per_sec": len(pending) * run.config.global_batch_size / max(now - start_time, 1e-9)}
+           "images_per_sec": len(pending) * run.global_batch_size / max(now - start_time, 1e-9)}
     logger.write(row)  # loss and accuracy: means over the steps since the last row
     pending.clear()
     return now
@@ -254,71 +282,73 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _eval_and_plateau(run, logger) -> dict:
-    metrics = evaluate(run)
-    logger.write({"step": int(run.state.step), **metrics})
-    if run.config.schedule == "plateau" and run.plateau.update(metrics["eval_top1"]):
+def _eval_and_plateau(run: Run, state, logger):
+    """(state, eval metrics): the plateau rule sees eval_top1 and may set the state's lr_scale."""
+    metrics = evaluate_run(run, state)
+    logger.write({"step": int(state.step), **metrics})
+    if run.plateau is not None and run.plateau.update(metrics["eval_top1"]):
         logging.info("eval_top1 plateaued: learning-rate scale now %g", run.plateau.scale)
-        run.state = run.state.replace(lr_scale=jax.device_put(
-            jnp.float32(run.plateau.scale), steps.replicated(run.mesh)))
-    return metrics
+        state = state.replace(opt_state=optim.set_lr_scale(state.opt_state, run.plateau.scale))
+    return state, metrics
 
 
-def train_loop(run, logger, stop: _StopFlag) -> None:
+def train_loop(run: Run, state, logger, stop: _StopFlag):
     """Steps from the restored step to num_train_steps, with logging, eval and checkpoints."""
-    c = run.config
-    start = int(run.state.step)
-    batches = prefetch.to_device(_local_batches(run, train=True, start_step=start),
-                                 lambda local: steps.global_batch(local, run.mesh), size=2)
+    start, last = int(state.step), run.num_train_steps
+    batches = prefetch.to_device(run.data.train_batches(run.global_batch_size, start),
+                                 lambda local: parallel.global_batch(local, run.mesh), size=2)
     pending, t0 = [], time.time()
-    for step in range(start + 1, c.num_train_steps + 1):
-        batch = next(batches)
-        run.state, metrics = run.train_step(run.state, batch)
+    for step in range(start + 1, last + 1):
+        state, metrics = run.train_step(state, next(batches))
         pending.append((step, metrics))
-        do_eval = step % c.eval_every_steps == 0 or step == c.num_train_steps
-        do_save = step % c.checkpoint_every_steps == 0 or step == c.num_train_steps
-        if step % c.log_every_steps == 0 or do_eval or do_save or stop.signum:
+        do_eval = step % run.eval.every_steps == 0 or step == last
+        do_save = run.ckpt.due(step, last)
+        if step % run.log.every_steps == 0 or do_eval or do_save or stop.signum:
             t0 = _flush(run, pending, t0, logger)
-        eval_metrics = _eval_and_plateau(run, logger) if do_eval else None
+        eval_metrics = None
+        if do_eval:
+            state, eval_metrics = _eval_and_plateau(run, state, logger)
         if do_save or stop.signum:
-            _save(run, {"eval_top1": eval_metrics["eval_top1"]} if eval_metrics else None)
+            best = {"eval_top1": eval_metrics["eval_top1"]} if eval_metrics else None
+            run.ckpt.save(step, state, _meta(run), best)
         if stop.signum:
             run.ckpt.wait()
             raise Interrupted(stop.signum, step)
         if do_eval:
             t0 = time.time()  # evaluation time is not training throughput
+    return state
 
 
-def train_and_evaluate(config, workdir: str, *, datasets: Any = None):
+def train_and_evaluate(config, workdir: str, *, datasets: Any = None,
+                       optimizer: optax.GradientTransformation | None = None):
     """Trains and evaluates as `config` says, in `workdir`; returns the final TrainState.
 
     Args:
       config: an `ml_collections.ConfigDict` like configs/default.py's (locked).
       workdir: checkpoints/, metrics.jsonl, TensorBoard events and config.json go here; a workdir
         with checkpoints is resumed from its newest readable one.
-      datasets: an object with `create_dataset` and `dataset_info` (default: vgg_flax.input_pipeline).
+      datasets: an object with `create_dataset` and `dataset_info` (default: vgg_flax.data.pipeline).
+      optimizer: any optax transformation to train with instead of config.optim/config.schedule
+        (its learning rate is its own; see `optim.with_learning_rate` for the plateau rule's scale).
     Raises:
-      NonFiniteLossError, Interrupted (after checkpointing), ValueError/KeyError for bad settings,
-      lock.WorkdirLockedError when another program is training in `workdir`.
+      NonFiniteLossError, Interrupted (after checkpointing), ValueError/KeyError for bad settings.
     """
     with lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):  # one program per workdir
-        return _train_and_evaluate(config, workdir, datasets or _datasets_module())
+        return _train_and_evaluate(config, workdir, datasets or input_pipeline, optimizer)
 
 
-def _train_and_evaluate(config, workdir: str, datasets):
-    run = setup(config, workdir, datasets)
-    console.show(console.header(config, workdir, params=run.state.params, datasets=datasets,
-                                num_classes=run.num_classes, start_step=int(run.state.step)))
-    logger = metrics_log.MetricsLogger(workdir, total_steps=config.num_train_steps,
-                                       start_step=int(run.state.step), tensorboard=config.tensorboard,
-                                       progress=config.progress)
+def _train_and_evaluate(config, workdir: str, datasets, optimizer):
+    run, state = setup(config, workdir, datasets, optimizer)
+    console.show(console.header(config, workdir, params=state.params, num_classes=run.data.num_classes,
+                                num_examples=run.data.split_sizes(), start_step=int(state.step)))
+    logger = run.log.open(workdir, total_steps=run.num_train_steps, start_step=int(state.step))
     try:
         with _StopFlag() as stop:
-            if int(run.state.step) < config.num_train_steps:
-                train_loop(run, logger, stop)
+            if int(state.step) < run.num_train_steps:
+                state = train_loop(run, state, logger, stop)
             run.ckpt.wait()
     finally:
         logger.close()
         run.ckpt.close()
     console.show(console.summary(workdir))
-    return run.state
+    return state

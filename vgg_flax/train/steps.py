@@ -1,28 +1,27 @@
-"""The train state, the device mesh and the pure, jitted train and eval steps.
+"""The train state and the pure, jitted train and eval steps.
 
-Data parallelism the modern way (jit over a `Mesh`, not pmap): the batch is sharded on the mesh's
-"data" axis, parameters and optimizer state are replicated, and XLA inserts the gradient all-reduce.
-Because the step is one program over the *global* batch, BatchNorm's batch mean and variance are
-computed over the global batch (XLA reduces across devices), exactly as on one device. The mesh has a
-single axis today; a "model" axis can be added to `create_mesh` and to the parameter sharding
-without touching the step functions.
+Data parallelism the modern way (jit over a `vgg_flax.parallel` mesh, not pmap): the batch is sharded
+on the mesh's "data" axis, parameters and optimizer state are replicated, and XLA inserts the gradient
+all-reduce. Because the step is one program over the *global* batch, BatchNorm's batch mean and
+variance are computed over the global batch (XLA reduces across devices), exactly as on one device.
+The optimizer is any optax transformation with its learning rate inside (`vgg_flax.train.optim`):
+the step applies its updates with `optax.apply_updates`.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-DATA_AXIS = "data"
+from vgg_flax import parallel
+from vgg_flax.topk import topk_hits
+from vgg_flax.train import optim
 
 
 @flax.struct.dataclass
@@ -30,8 +29,8 @@ class TrainState:
     """Everything a resumed run needs besides the data position (which is a function of `step`).
 
     step: int32[] optimizer steps done. rng: uint32[2] raw key data (dropout keys are folded from it
-    and the step, so they do not depend on how the run was interrupted). lr_scale: float32[], the
-    plateau rule's multiplier.
+    and the step, so they do not depend on how the run was interrupted). opt_state: the optax state,
+    with the learning rate and the plateau rule's scale as injected hyperparameters.
     """
 
     step: jax.Array
@@ -39,42 +38,6 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array
-    lr_scale: jax.Array
-
-
-def create_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over all devices of all processes, axis "data"."""
-    devices = np.asarray(jax.devices() if devices is None else devices)
-    return Mesh(devices.reshape(-1), (DATA_AXIS,))
-
-
-def check_batch_divides(*, global_batch_size: int, num_devices: int, grad_accum_steps: int = 1,
-                        num_processes: int = 1) -> None:
-    """Raises a ValueError, before any compute, when the global batch cannot be split evenly."""
-    for what, n in [("devices", num_devices), ("processes", num_processes)]:
-        if global_batch_size % n:
-            raise ValueError(f"global batch size {global_batch_size} does not divide over {n} {what}; "
-                             f"use a multiple of {n}")
-    per_device = global_batch_size // num_devices
-    if grad_accum_steps < 1 or per_device % grad_accum_steps:
-        raise ValueError(f"per-device batch {per_device} (global {global_batch_size} / {num_devices} "
-                         f"devices) does not divide into grad_accum_steps={grad_accum_steps} micro-batches")
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global arrays from this process's rows (each process holds a contiguous slice of the batch)."""
-    sharding = batch_sharding(mesh)
-    n = jax.process_count()
-    return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n, *v.shape[1:]))
-            for k, v in local.items()}
 
 
 def _variables(params, batch_stats):
@@ -85,9 +48,8 @@ def _cross_entropy(logits, labels, mask):
     """Masked sums: (loss_sum, correct_count, top5_count, count), float32 scalars."""
     mask = mask.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    k = min(5, logits.shape[-1])
-    top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1).astype(jnp.float32)
+    top1 = topk_hits(logits, labels, 1).astype(jnp.float32)
+    top5 = topk_hits(logits, labels, 5).astype(jnp.float32)
     return (jnp.sum(losses * mask), jnp.sum(top1 * mask), jnp.sum(top5 * mask), jnp.sum(mask))
 
 
@@ -135,27 +97,29 @@ def _mean_gradients(state: TrainState, batch: dict, rng, *, model, remat: bool, 
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTransformation,
-               schedule: Callable, grad_accum_steps: int = 1, remat: bool = False):
+               grad_accum_steps: int = 1, remat: bool = False):
     """One optimizer step on a global batch; pure, for `jax.jit`.
 
     Args:
       state: the TrainState (donated by `make_train_step`).
+      tx: any optax transformation (its learning rate inside, e.g. `optim.make_optimizer`).
       batch: {"image": float32[G, H, W, 3], "label": int32[G], "mask": bool[G]}.
       grad_accum_steps: split the batch into this many micro-batches run one after another (less
         memory); gradients are averaged, BatchNorm statistics are those of each micro-batch.
       remat: rematerialise each conv block in the backward pass (less memory, ~1.3x compute).
     Returns:
-      (new state, {"train_loss", "train_accuracy", "learning_rate"} float32 scalars).
+      (new state, {"train_loss", "train_accuracy", "learning_rate"} float32 scalars; the learning
+      rate this update used, left out when `tx` has no injected `learning_rate`).
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grads, batch_stats, loss, acc = _mean_gradients(state, batch, rng, model=model, remat=remat,
                                                     grad_accum_steps=grad_accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    lr = schedule(state.step) * state.lr_scale
-    params = jax.tree_util.tree_map(lambda p, u: p - (lr * u).astype(p.dtype), state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state)
-    return new_state, {"train_loss": loss, "train_accuracy": acc, "learning_rate": lr}
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    metrics = {"train_loss": loss, "train_accuracy": acc}
+    lr = optim.learning_rate(opt_state)
+    return new_state, metrics if lr is None else {**metrics, "learning_rate": lr}
 
 
 def eval_step(state: TrainState, batch: dict, *, model):
@@ -168,13 +132,14 @@ def eval_step(state: TrainState, batch: dict, *, model):
 def make_train_step(mesh: Mesh, state_sharding, **kwargs):
     """`train_step` jitted once: batch sharded on "data", state as `state_sharding`, state donated."""
     return jax.jit(functools.partial(train_step, **kwargs),
-                   in_shardings=(state_sharding, batch_sharding(mesh)),
-                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
+                   in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+                   out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
 
 
 def make_eval_step(mesh: Mesh, state_sharding, **kwargs):
     return jax.jit(functools.partial(eval_step, **kwargs),
-                   in_shardings=(state_sharding, batch_sharding(mesh)), out_shardings=replicated(mesh))
+                   in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+                   out_shardings=parallel.replicated(mesh))
 
 
 def create_state(*, model, tx, variables, rng: jax.Array) -> TrainState:
@@ -182,10 +147,9 @@ def create_state(*, model, tx, variables, rng: jax.Array) -> TrainState:
     raw = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
     params = variables["params"]
     return TrainState(step=jnp.int32(0), params=params, batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=jnp.asarray(raw, jnp.uint32),
-                      lr_scale=jnp.float32(1.0))
+                      opt_state=tx.init(params), rng=jnp.asarray(raw, jnp.uint32))
 
 
 def state_sharding_like(state, mesh: Mesh):
     """Replicated sharding for every leaf of the state (the place a model axis would go)."""
-    return jax.tree_util.tree_map(lambda _: replicated(mesh), state)
+    return jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), state)
