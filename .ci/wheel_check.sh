@@ -18,7 +18,7 @@ wheel="$(ls "$tmp"/dist/vgg_flax-*.whl)"
 cd "$tmp"
 # No checkout on the path: only the installed package can answer.
 env -u PYTHONPATH "$tmp/venv/bin/vgg-flax" train --workdir "$tmp/w" --config default \
-  --config.num_train_steps=4 --config.eval_every_steps=4 --config.checkpoint_every_steps=4
+  --config.num_train_steps=4 --config.eval.every_steps=4 --config.checkpoints.every_steps=4
 env -u PYTHONPATH "$tmp/venv/bin/vgg-flax" plot "$tmp/w"
 test -s "$tmp/w/metrics.jsonl" && test -d "$tmp/w/checkpoints/4" && test -s "$tmp/w/curves.png"
 echo "wheel check: $(basename "$wheel") installed and trained from $tmp"

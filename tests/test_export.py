@@ -11,7 +11,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
 from jax import export
 
@@ -37,7 +36,7 @@ def _model(config, *, dtype="float32", batch_norm=False, conv_impl="auto"):
 
 def _abstract(model, mesh):
     """(tx, state shapes, batch shapes) of a real TrainState (SGD momentum, as the paper)."""
-    tx = optim.make_optimizer(name="sgd", momentum=0.9, weight_decay=5e-4)
+    tx = optim.make_optimizer(learning_rate=0.01, name="sgd", momentum=0.9, weight_decay=5e-4)
     variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                                jnp.zeros((1, 32, 32, 3)))
     state = jax.eval_shape(
@@ -55,7 +54,6 @@ def lower(model, platforms, *, kind="train", grad_accum_steps=1, mesh=None):
     sharding = steps.state_sharding_like(state, mesh)
     if kind == "train":
         step = steps.make_train_step(mesh, sharding, model=model, tx=tx,
-                                     schedule=optax.constant_schedule(0.01),
                                      grad_accum_steps=grad_accum_steps)
     else:
         step = steps.make_eval_step(mesh, sharding, model=model)

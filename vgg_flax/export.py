@@ -8,7 +8,7 @@ program lowered on that host for a GPU or TPU, which should get plain XLA convs 
 
     from jax import export
     model = for_platform(vgg_flax.vgg16(dtype=jnp.bfloat16), ("cuda",))
-    step = steps.make_train_step(mesh, sharding, model=model, tx=tx, schedule=schedule)
+    step = steps.make_train_step(mesh, sharding, model=model, tx=tx)
     exported = export.export(step, platforms=("cuda",))(state_shapes, batch_shapes)
 
 tests/test_export.py lowers the real train and eval steps this way for "cuda" and "tpu" on a CPU

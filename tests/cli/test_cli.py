@@ -100,7 +100,7 @@ def _train_py(tmp_path, *flags, cwd=None):
 @pytest.mark.parametrize("flags, words", [
     (("--config", "finetune", "--config.num_train_steps=0"), "config.num_train_steps must be positive"),
     (("--config", "vgg17"), "no config named 'vgg17'"),
-    (("--config.optimizer=adamm",), "unknown optimizer 'adamm'"),
+    (("--config.optim.name=adamm",), "unknown optimizer 'adamm'"),
 ])
 def test_training_program_mistakes_are_one_line(tmp_path, flags, words):
     out = _train_py(tmp_path, *flags)
@@ -111,7 +111,7 @@ def test_training_program_mistakes_are_one_line(tmp_path, flags, words):
 
 
 def test_training_program_unknown_dataset_and_locked_workdir(tmp_path):
-    out = _train_py(tmp_path, "--config.dataset=no_such_dataset")
+    out = _train_py(tmp_path, "--config.data.dataset=no_such_dataset")
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr[-3000:]
     assert "dataset 'no_such_dataset'" in out.stderr
     with lock.WorkdirLock(str(tmp_path / "w")):

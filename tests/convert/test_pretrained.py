@@ -230,7 +230,7 @@ def test_fine_tune_from_a_registry_name(env, server, monkeypatch):
     server.files["/" + name] = data
     config = tiny_config(**{"model.config": "A", "model.head": "torchvision", "model.fc_width": 16,
                             "pretrained": "tiny",
-                            "reset_head": True, "num_train_steps": 1, "learning_rate": 0.0})
+                            "reset_head": True, "num_train_steps": 1, "schedule.learning_rate": 0.0})
     state = loop.train_and_evaluate(config, str(env / "run"), datasets=FakeDatasets())
     _, source = vgg_flax.from_pretrained("tiny")
     for layer in ("conv1_1", "conv2_1", "fc1", "fc2"):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vgg_flax.data import pipeline as ip
 from vgg_flax import preprocessing
 from vgg_flax.data import folder
+from vgg_flax.data import pipeline as ip
 
 try:  # torch must be imported before TensorFlow initialises, or importing it later segfaults.
     import torchvision

@@ -77,7 +77,7 @@ def test_lock_of_a_live_or_foreign_owner_is_respected(tmp_path, owner):
 
 def test_lock_is_released_on_error_and_a_refused_config_leaves_no_workdir(tmp_path):
     with pytest.raises(KeyError, match="unknown optimizer"):
-        training.train_and_evaluate(tiny_config(optimizer="nope"), str(tmp_path / "new"),
+        training.train_and_evaluate(tiny_config(**{"optim.name": "nope"}), str(tmp_path / "new"),
                                     datasets=FakeDatasets())
     assert not os.path.exists(tmp_path / "new")
     with lock.WorkdirLock(str(tmp_path)) as held:

@@ -27,7 +27,13 @@ import numpy as np
 
 from vgg_flax.convert.errors import ConversionError
 from vgg_flax.models import (
-    CONFIGS, FC_POOL_SIZE, bn_name, classifier_layer, is_conv_layer, last_width, layer_names,
+    CONFIGS,
+    FC_POOL_SIZE,
+    bn_name,
+    classifier_layer,
+    is_conv_layer,
+    last_width,
+    layer_names,
 )
 
 _KH, _KW = FC_POOL_SIZE
