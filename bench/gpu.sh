@@ -5,7 +5,7 @@
 # tensorflow, no ml_collections and no internet:
 #   bash bench/gpu.sh [PEAK_TFLOPS]       # default 989: H100 SXM dense bf16; H200 is the same chip
 #   bash bench/gpu.sh --dry-run           # the same script end to end on CPU, tiny sizes (~1 min)
-# Prints, per batch size (128, 256): ours (vgg_flax.steps.train_step, dtype bfloat16, fp32 params)
+# Prints, per batch size (128, 256): ours (vgg_flax.train.steps.train_step, dtype bfloat16, fp32 params)
 # vs torchvision's vgg16 in eager mode (channels_last + autocast bf16) and under torch.compile;
 # images/s, model FLOPs utilisation against PEAK_TFLOPS (VGG16 training ~92.8 GFLOP per image)
 # and against a measured 8192^3 bf16 matmul, compile time and device memory. Importing tensorflow

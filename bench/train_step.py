@@ -11,7 +11,7 @@ in the same run (and of a nominal peak given with --peak-tflops: model FLOPs uti
   python bench/train_step.py --dtype bfloat16 --batch 256 --channels-last --torch eager,compile \
       --peak-tflops 989    # a GPU (bench/gpu.sh)
 
-Our step is the library's `vgg_flax.steps.train_step` (jitted once with the state donated); torch's is
+Our step is the library's `vgg_flax.train.steps.train_step` (jitted once with the state donated); torch's is
 `torchvision.models.<name>` with `torch.optim.SGD`.
 """
 
@@ -42,7 +42,7 @@ def parse_args(argv):
     p.add_argument("--conv", default="auto", choices=["auto", "xla", "cpu"],
                    help="vgg_flax conv implementation (auto: the per-backend default)")
     p.add_argument("--step", default="library", choices=["library", "plain"],
-                   help="library: vgg_flax.steps.train_step; plain: model.apply + optax.sgd in this file")
+                   help="library: vgg_flax.train.steps.train_step; plain: model.apply + optax.sgd here")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype (params stay fp32; torch uses autocast)")
     p.add_argument("--torch", default="eager", help="torch variants: eager, compile (torch.compile)")

@@ -15,6 +15,7 @@ import pytest
 from jax import export
 
 import vgg_flax
+from vgg_flax import parallel
 from vgg_flax.export import for_platform
 from vgg_flax.ops import conv
 from vgg_flax.train import optim, steps
@@ -49,7 +50,7 @@ def _abstract(model, mesh):
 
 def lower(model, platforms, *, kind="train", grad_accum_steps=1, mesh=None):
     """The StableHLO text of the real jitted train (or eval) step, exported for `platforms`."""
-    mesh = mesh or steps.create_mesh()
+    mesh = mesh or parallel.create_mesh()
     tx, state, batch = _abstract(model, mesh)
     sharding = steps.state_sharding_like(state, mesh)
     if kind == "train":
@@ -152,9 +153,9 @@ import sys
 sys.path.insert(0, sys.argv[1])
 import jax
 import test_export as t
-from vgg_flax.train import steps
+from vgg_flax import parallel
 assert jax.device_count() == 8
-mesh = steps.create_mesh()
+mesh = parallel.create_mesh()
 for platform, accum in [("cuda", 1), ("tpu", 2)]:
     model = t.for_platform(t._model(t.SMALL, dtype="bfloat16", batch_norm=True), platform)
     text = t.lower(model, (platform,), grad_accum_steps=accum, mesh=mesh)

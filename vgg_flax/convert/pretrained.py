@@ -18,7 +18,7 @@ from vgg_flax.convert.errors import ConversionError
 from vgg_flax.convert.hashing import hash_prefix, verify_hash_prefix
 from vgg_flax.convert.torchvision import convert_file, load_torchvision
 from vgg_flax.data.classes import imagenet_classes
-from vgg_flax.models import MODELS
+from vgg_flax.models import MODELS, get_head
 
 HEADS = ("torchvision", "dense", "none")
 # What conversion must know of a file that is not in a paper config's layout.
@@ -68,8 +68,8 @@ def from_pretrained(source: str | os.PathLike | Mapping[str, Any], *, head: str 
     else:
         meta = wformat.pretrained_metadata(path)
         stored = meta["model"]["head"]
-        model, variables = wformat.load_pretrained(
-            path, head=stored if head == "none" or stored == "none" else head, **model_kwargs)
+        keep = head == "none" or stored == "none" or not get_head(stored).torchvision_layout  # small head
+        model, variables = wformat.load_pretrained(path, head=stored if keep else head, **model_kwargs)
         if head == "none" and model.head != "none":
             model = model.clone(head="none")
             variables = {**variables, "params": {k: v for k, v in variables["params"].items()

@@ -1,7 +1,7 @@
 """Device prefetch: the next batches are built and transferred on a background thread while the
 current step runs.
 
-    batches = prefetch.to_device(local_batches, lambda b: steps.global_batch(b, mesh), size=2)
+    batches = prefetch.to_device(local_batches, lambda b: parallel.global_batch(b, mesh), size=2)
 
 The order is the source's, unchanged (exact resume depends only on the source), and at most `size`
 batches are ever ahead of the consumer: a bounded queue, so device memory holds at most size + 1
@@ -28,7 +28,7 @@ def to_device(batches: Iterable, put: Callable, *, size: int = 2) -> Iterator:
 
     Args:
       batches: host batches (e.g. numpy dicts), consumed in order.
-      put: host batch -> device batch (e.g. `steps.global_batch(batch, mesh)`).
+      put: host batch -> device batch (e.g. `parallel.global_batch(batch, mesh)`).
       size: how many batches may be ready ahead of the consumer (>= 1).
     """
     if size < 1:
