@@ -101,6 +101,8 @@ def _train_py(tmp_path, *flags, cwd=None):
     (("--config", "finetune", "--config.num_train_steps=0"), "config.num_train_steps must be positive"),
     (("--config", "vgg17"), "no config named 'vgg17'"),
     (("--config.optim.name=adamm",), "unknown optimizer 'adamm'"),
+    (("--config.num_train_steps=ten",), "flag --config.num_train_steps=ten: invalid literal"),
+    (("--config.no_such_key=1",), "no_such_key"),
 ])
 def test_training_program_mistakes_are_one_line(tmp_path, flags, words):
     out = _train_py(tmp_path, *flags)

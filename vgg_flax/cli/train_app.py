@@ -44,9 +44,12 @@ flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() (also on when JAX_COORDINATOR_ADDRESS is set).")
 flags.DEFINE_bool("verbose", False, "Show INFO logs (JAX, TensorFlow, orbax) and the resolved config.")
 flags.DEFINE_bool("debug", False, "Show the traceback of a configuration or data error.")
-config_flags.DEFINE_config_file("config", os.path.join(CONFIG_DIR, "default.py"),
-                                f"A config name ({', '.join(CONFIG_NAMES)}) or a config file path.",
-                                lock_config=True)
+try:  # ml_collections applies the command line's --config.KEY=VALUE here, at definition
+    config_flags.DEFINE_config_file("config", os.path.join(CONFIG_DIR, "default.py"),
+                                    f"A config name ({', '.join(CONFIG_NAMES)}) or a config file path.",
+                                    lock_config=True)
+except (AttributeError, KeyError) as _err:  # a --config.KEY that the config does not have
+    sys.exit(errors.report(os.path.basename(sys.argv[0]), KeyError(f"unknown config key: {_err}")))
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -113,4 +116,13 @@ def run(argv: list[str] | None = None) -> None:
         argv = argv[:1] + resolve_config_names(argv[1:])
     except app.UsageError as err:
         sys.exit(errors.report(os.path.basename(argv[0]), err))
-    app.run(main, argv=argv)
+    app.run(main, argv=argv, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with a bad flag or config value (`--config.num_train_steps=ten`) as one
+    line and exit status 2, like every other mistake (absl prints two lines and exits 1)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        sys.exit(errors.report(os.path.basename(argv[0]), err))
