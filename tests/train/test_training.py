@@ -199,7 +199,9 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     assert logits.shape == (2, 3)
 
 
-def test_bad_configs_fail_before_compute(tmp_path):
+def test_bad_configs_fail_before_compute(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "FakeDatasets", _OpenCounting)  # what `_train` builds
+    monkeypatch.setattr(_OpenCounting, "opened", [])
     with pytest.raises(KeyError, match="learning_rat"):
         tiny_config(**{"schedule.learning_rat": 0.1})  # the ConfigDict is locked: typos are errors
     with pytest.raises(KeyError, match="num_train_step"):
@@ -224,6 +226,19 @@ def test_bad_configs_fail_before_compute(tmp_path):
         _train(tmp_path / "h", optimizer=optax.sgd(0.1), **{"schedule.name": "plateau"})
     for d in "abcdefgh":
         assert not os.path.exists(tmp_path / d / "checkpoints" / "2")
+        assert not os.path.exists(tmp_path / d / "checkpoints"), d  # nothing created, not even empty
+        assert not os.path.exists(tmp_path / d / "metrics.jsonl"), d
+    assert _OpenCounting.opened == [], _OpenCounting.opened  # the dataset was never opened
+
+
+class _OpenCounting(FakeDatasets):
+    """Records every `create_dataset` call (shared by all instances: `_train` builds a fresh one)."""
+
+    opened: list = []
+
+    def create_dataset(self, name, split, **kw):
+        _OpenCounting.opened.append((name, split))
+        return super().create_dataset(name, split, **kw)
 
 
 def test_class_count_mismatch_is_one_clear_error(tmp_path):
