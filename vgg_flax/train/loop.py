@@ -297,6 +297,14 @@ def train_loop(run: Run, state, logger, stop: _StopFlag):
     start, last = int(state.step), run.num_train_steps
     batches = prefetch.to_device(run.data.train_batches(run.global_batch_size, start),
                                  lambda local: parallel.global_batch(local, run.mesh), size=2)
+    try:
+        return _steps(run, state, logger, stop, batches, start, last)
+    finally:
+        batches.close()  # stops and joins the prefetch thread
+
+
+def _steps(run: Run, state, logger, stop: _StopFlag, batches, start: int, last: int):
+    """The step loop of `train_loop` over prefetched device batches."""
     pending, t0 = [], time.time()
     for step in range(start + 1, last + 1):
         state, metrics = run.train_step(state, next(batches))

@@ -36,21 +36,24 @@ def to_device(batches: Iterable, put: Callable, *, size: int = 2) -> Iterator:
     ready: queue.Queue = queue.Queue(maxsize=size)
     stop = threading.Event()
 
+    def offer(item) -> bool:
+        """Queues `item` unless the consumer stops first; True when queued."""
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce():
         try:
             for batch in batches:
-                item = put(batch)
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(put(batch)):
                     return
-            ready.put(_END)
+            offer(_END)
         except BaseException as error:  # Handed to the consumer, raised where the batch was due.
-            ready.put(_Failure(error))
+            offer(_Failure(error))
 
     thread = threading.Thread(target=produce, name="device-prefetch", daemon=True)
     thread.start()
@@ -63,4 +66,8 @@ def to_device(batches: Iterable, put: Callable, *, size: int = 2) -> Iterator:
                 raise item.error
             yield item
     finally:
-        stop.set()  # The consumer stopped (closed, garbage collected): the thread ends.
+        # The consumer stopped (closed, garbage collected): the thread finishes the batch it is on
+        # and ends. Joined, so no thread is left inside TensorFlow or JAX when the interpreter
+        # exits (Python 3.13 aborts the process with "terminate called" otherwise).
+        stop.set()
+        thread.join(timeout=60)
