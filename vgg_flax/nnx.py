@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.traverse_util import flatten_dict
 
-from vgg_flax import models, sources
+from vgg_flax import models
+from vgg_flax.convert.pretrained import from_pretrained as _from_pretrained
 
 # linen collection -> the NNX variable type that holds it (as flax.nnx.bridge maps them).
 COLLECTIONS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
@@ -115,7 +116,7 @@ def from_pretrained(source: str | os.PathLike | Mapping[str, Any], *, rngs: nnx.
     """`from_variables(*vgg_flax.from_pretrained(source, **kwargs))`: weights by name, URL, path or
     state dict (`head`, `dtype`, ... as there). Without `vgg_flax.from_pretrained` installed, paths
     and state dicts go through `vgg_flax.load_torchvision`."""
-    return from_variables(*sources.load(source, **kwargs), rngs=rngs)
+    return from_variables(*_from_pretrained(source, **kwargs), rngs=rngs)
 
 
 def build(name: str, *, rngs: nnx.Rngs, **model_kwargs) -> VGG:

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_flax import models, sources
+from vgg_flax import models
 from vgg_flax.convert.errors import ConversionError
+from vgg_flax.convert.pretrained import from_pretrained
 from vgg_flax.convert.readers import read_state_dict
 
 LPIPS_TAPS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
@@ -142,7 +143,7 @@ def load_lpips(backbone: Any = "vgg16", linear: str | os.PathLike | Mapping[str,
     if isinstance(backbone, tuple):
         model, trunk = backbone
     else:
-        model, trunk = sources.load(backbone, head="none", **model_kwargs)
+        model, trunk = from_pretrained(backbone, head="none", **model_kwargs)
     weights = {t: jnp.asarray(w) for t, w in read_linear(linear).items()}
     _check_channels(model, trunk, weights)
     return functools.partial(lpips_distance, model), {"backbone": trunk, "linear": weights}
