@@ -331,16 +331,25 @@ def test_fine_tune_from_pretrained_file_new_head(tmp_path):
     assert state.params["head_out"]["kernel"].shape == (16, 5)
 
 
-def test_remat_is_the_same_computation_and_bf16_trains(tmp_path):
+def test_remat_is_the_same_computation_and_half_precision_trains(tmp_path, caplog):
+    """bfloat16 and float16 compute (float32 parameters) train with finite losses; float16 is really
+    float16: nearer float32's parameters than bfloat16 (3 more mantissa bits), not equal to them; and
+    its missing loss scaling is said in a warning."""
     kw = {"num_train_steps": 2, "checkpoints.every_steps": 100, "eval.every_steps": 100}
     plain = flat_params(_train(tmp_path / "a", **kw))
     remat = flat_params(_train(tmp_path / "b", **{"step.remat": True}, **kw))
     _assert_close(plain, remat)
-    bf16 = _train(tmp_path / "c", **{"model.dtype": "bfloat16"}, **kw)
-    assert jax.tree_util.tree_leaves(bf16.params)[0].dtype == jnp.float32  # float32 parameters
-    rows = [json.loads(line) for line in open(tmp_path / "c" / "metrics.jsonl")]
-    assert all(np.isfinite(r.get("train_loss", 0.0)) for r in rows)
-    assert any(not np.array_equal(bf16_v, plain[k]) for k, bf16_v in flat_params(bf16).items())
+    error = {}
+    for dtype in ("bfloat16", "float16"):
+        caplog.clear()
+        half = _train(tmp_path / dtype, **{"model.dtype": dtype}, **kw)
+        assert {x.dtype for x in jax.tree_util.tree_leaves(half.params)} == {jnp.dtype(jnp.float32)}
+        rows = [json.loads(line) for line in open(tmp_path / dtype / "metrics.jsonl")]
+        losses = [r["train_loss"] for r in rows if "train_loss" in r]
+        assert len(losses) == 2 and np.isfinite(losses).all(), losses
+        error[dtype] = np.sqrt(sum(np.sum((v - plain[k]) ** 2) for k, v in flat_params(half).items()))
+        assert (training.FLOAT16_WARNING in caplog.text) == (dtype == "float16")
+    assert 0 < error["float16"] < error["bfloat16"] / 4, error
 
 
 CONFIG_NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(train_harness.ROOT, "configs"))
