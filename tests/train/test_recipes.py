@@ -54,7 +54,8 @@ def test_paper_recipes_have_the_paper_s_values(name):
     assert c.model.dtype == "bfloat16"  # not the paper's (float32 on GPUs in 2014): accelerators' dtype
     assert (c.data.dataset, c.data.image_size, c.data.augment, tuple(c.data.scale_range)) == \
         ("imagenet2012", 224, "paper", scale_range)
-    assert (c.optim.name, c.optim.momentum, c.optim.nesterov, c.optim.weight_decay) == ("sgd", 0.9, False, 5e-4)
+    assert (c.optim.name, c.optim.momentum, c.optim.nesterov, c.optim.weight_decay) == \
+        ("sgd", 0.9, False, 5e-4)
     assert (c.optim.grad_clip_norm, c.optim.freeze_features) == (0.0, False)
     assert (c.global_batch_size, c.num_train_steps) == (256, 370_000)
     s = c.schedule
@@ -98,6 +99,7 @@ def test_finetune_and_default_recipes():
     assert (d.data.dataset, d.data.image_size, tuple(d.data.scale_range)) == ("sklearn_digits", 32, (0, 0))
     assert (d.model.head, d.model.batch_norm, d.model.dtype, d.model.dropout_rate) == \
         ("small", True, "float32", 0.2)
-    assert (d.optim.name, d.optim.momentum, d.optim.nesterov, d.optim.weight_decay) == ("sgd", 0.9, False, 5e-4)
+    assert (d.optim.name, d.optim.momentum, d.optim.nesterov, d.optim.weight_decay) == \
+        ("sgd", 0.9, False, 5e-4)
     assert (d.schedule.name, d.schedule.factor, d.schedule.max_reductions) == ("cosine", 0.1, 3)
     assert optim.Plateau().max_reductions == 3 and optim.Plateau().factor == 0.1

@@ -36,13 +36,15 @@ def test_paper_warm_start_copies_first_four_convs_and_fcs(tmp_path):
     # Through the training program: warm_start_from, one step at rate 0 (parameters left as started).
     config = _config("D", batch_norm=True, warm_start_from=net_a, num_train_steps=1,
                      **{"schedule.learning_rate": 0.0})
-    run = jax.device_get(training.train_and_evaluate(config, str(tmp_path / "d"), datasets=FakeDatasets()).params)
+    state = training.train_and_evaluate(config, str(tmp_path / "d"), datasets=FakeDatasets())
+    run = jax.device_get(state.params)
     # The same start computed directly, and the fresh one from the same key (the key setup() uses).
     model = checkpoints.model_from_config(config.model.to_dict(), num_classes=3)
     init_rng = jax.random.split(jax.random.key(config.seed))[0]
     warm = training.initial_variables(model, init_rng, image_size=32, warm_start_from=net_a)
     fresh = training.initial_variables(model, init_rng, image_size=32)
-    assert set(run) == set(warm["params"]) == D_LAYERS | {n.replace("conv", "bn") for n in D_LAYERS if "conv" in n}
+    bns = {n.replace("conv", "bn") for n in D_LAYERS if n.startswith("conv")}
+    assert set(run) == set(warm["params"]) == D_LAYERS | bns
     for name in run:
         for leaf in run[name]:
             np.testing.assert_array_equal(run[name][leaf], warm["params"][name][leaf], err_msg=name)
