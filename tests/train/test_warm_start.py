@@ -3,6 +3,7 @@ layers are copied, kernels and biases (and the BatchNorm that follows a copied c
 layer is exactly the fresh initialisation a run without warm start gets from the same seed."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from train_harness import FakeDatasets, tiny_config
 
@@ -17,37 +18,43 @@ ARCH = {"A": "8,M,16,M,32,32,M", "D": "8,8,M,16,16,M,32,32,32,M"}
 D_LAYERS = {"conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "fc1", "fc2", "fc3"}
 
 
-def _config(letter, batch_norm=False, **overrides):
+def _config(letter, **overrides):
     return tiny_config(**{"model.config": ARCH[letter], "model.head": "torchvision", "model.fc_width": 16,
-                          "model.batch_norm": batch_norm}, **overrides)
+                          "model.batch_norm": True}, **overrides)
 
 
-def _train(workdir, letter, batch_norm=False, **overrides):
-    state = training.train_and_evaluate(_config(letter, batch_norm, **overrides), str(workdir),
-                                        datasets=FakeDatasets())
+def _net_a_workdir(workdir: str) -> None:
+    """A net A run's workdir (config.json and a checkpoint) with random values in every parameter and
+    statistic, as a trained net A has: none equals a fresh initialisation (zero biases, mean 0, var 1)."""
+    config = _config("A")
+    model = checkpoints.model_from_config(config.model.to_dict(), num_classes=3)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    rng = np.random.default_rng(0)
+    state = jax.tree_util.tree_map(lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32), shapes)
+    ckpt = checkpoints.Checkpoints(workdir, async_save=False)
+    ckpt.save(2, {"step": np.int32(2), **state}, {"num_classes": 3})
+    ckpt.close()
+    checkpoints.write_config(workdir, config.to_dict())
+
+
+def _start(workdir, config) -> dict:
+    """The variables a run starts from, as `train_and_evaluate` builds them before its first step."""
+    run, state = training.setup(config, str(workdir), FakeDatasets())
+    run.ckpt.close()
     return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
 
 
 def test_paper_warm_start_copies_first_four_convs_and_fcs(tmp_path):
     assert set(warm_start.PAPER_WARM_START_LAYERS) == COPIED
     net_a = str(tmp_path / "a")
-    _train(net_a, "A", batch_norm=True, num_train_steps=2)  # 2 steps: net A's values are not its init
+    _net_a_workdir(net_a)
     _, a = checkpoints.load_for_inference(net_a)
-    # Through the training program: warm_start_from, one step at rate 0 (parameters left as started).
-    config = _config("D", batch_norm=True, warm_start_from=net_a, num_train_steps=1,
-                     **{"schedule.learning_rate": 0.0})
-    state = training.train_and_evaluate(config, str(tmp_path / "d"), datasets=FakeDatasets())
-    run = jax.device_get(state.params)
-    # The same start computed directly, and the fresh one from the same key (the key setup() uses).
-    model = checkpoints.model_from_config(config.model.to_dict(), num_classes=3)
-    init_rng = jax.random.split(jax.random.key(config.seed))[0]
-    warm = training.initial_variables(model, init_rng, image_size=32, warm_start_from=net_a)
-    fresh = training.initial_variables(model, init_rng, image_size=32)
+    # The training program's start (setup: everything before the first step) with warm_start_from,
+    # and without: the fresh start of the same seed.
+    warm, fresh = (_start(tmp_path / name, _config("D", warm_start_from=src))
+                   for name, src in (("warm", net_a), ("fresh", "")))
     bns = {n.replace("conv", "bn") for n in D_LAYERS if n.startswith("conv")}
-    assert set(run) == set(warm["params"]) == D_LAYERS | bns
-    for name in run:
-        for leaf in run[name]:
-            np.testing.assert_array_equal(run[name][leaf], warm["params"][name][leaf], err_msg=name)
+    assert set(warm["params"]) == set(fresh["params"]) == D_LAYERS | bns
     copied = COPIED | {"bn1_1", "bn2_1", "bn3_1", "bn3_2"}  # a copied conv's BatchNorm follows it
     assert set(warm["batch_stats"]) == {n for n in warm["params"] if n.startswith("bn")}
     for collection in ("params", "batch_stats"):
@@ -58,7 +65,7 @@ def test_paper_warm_start_copies_first_four_convs_and_fcs(tmp_path):
                 where = f"{collection} {name} {leaf}"
                 if name in copied:
                     np.testing.assert_array_equal(value, a[collection][name][leaf], err_msg=where)
-                    # net A trained: its values differ from the fresh ones, so a missed copy shows
+                    # net A's values differ from the fresh ones, so a missed copy shows
                     assert not np.array_equal(value, fresh[collection][name][leaf]), where
                 else:  # the intermediate layers: initialised randomly, exactly as without warm start
                     np.testing.assert_array_equal(value, fresh[collection][name][leaf], err_msg=where)
