@@ -56,7 +56,9 @@ def model_config() -> ml_collections.ConfigDict:
     m.fc_width = 4096             # the torchvision/dense heads' FC width
     m.small_head_width = 64       # the small head's hidden layer (0: linear)
     m.weight_init = "torchvision"  # or "paper": N(0, 0.01) everywhere
-    m.dtype = "float32"           # compute dtype: float32 | bfloat16 | float16 (params stay float32)
+    # compute dtype: float32 | bfloat16 | float16 (params stay float32); float16 has no loss
+    # scaling, so small gradients underflow (a warning says so): use bfloat16 for half precision.
+    m.dtype = "float32"
     return m
 
 

@@ -1,7 +1,6 @@
 """The model's config pair (`VGG.to_config` / `VGG.from_config`), the layer-name contract, the heads'
 declared facts and the builders' table."""
 
-import importlib
 import json
 
 import jax
@@ -147,16 +146,6 @@ def test_builders_come_from_the_one_table():
         assert getattr(models, name) is builder
         assert models.get_model(name).to_config()["config"] == fields["config"]
     assert models.vgg16_bn().batch_norm and not models.vgg16().batch_norm
-
-
-def test_cli_models_prints_the_table(capsys, monkeypatch):
-    cli = importlib.import_module("vgg_flax.cli.main")
-    small = {"vgg11": models.VARIANTS["vgg11"], "vgg16_bn": models.VARIANTS["vgg16_bn"]}
-    monkeypatch.setattr(models, "MODELS", {n: models.MODELS[n] for n in small})
-    assert cli.main(["models"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["vgg11", "A", "no", "132,863,336"]
-    assert lines[2].split() == ["vgg16_bn", "D", "yes", "138,365,992"]
 
 
 def test_load_pretrained_reads_a_file_written_before_to_config(tmp_path):

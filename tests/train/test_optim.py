@@ -64,20 +64,44 @@ def test_grad_clipping_comes_first():
     _assert_same(ours, _trajectory(ref, _data_loss))
 
 
+def test_sgd_nesterov_is_optax_sgd_nesterov():
+    """optim.nesterov reaches the momentum trace: 3 steps equal optax's Nesterov SGD, not plain momentum."""
+    ours = _trajectory(optim.make_optimizer(learning_rate=SCHEDULE, name="sgd", momentum=0.9, nesterov=True),
+                       _data_loss)
+    _assert_same(ours, _trajectory(optax.sgd(SCHEDULE, momentum=0.9, nesterov=True), _data_loss))
+    plain = _trajectory(optax.sgd(SCHEDULE, momentum=0.9), _data_loss)
+    assert not np.allclose(ours[-1]["k"], plain[-1]["k"], rtol=1e-3)
+
+
 def test_frozen_features_get_zero_updates_and_the_head_trains_as_unfrozen():
-    params = {"conv1_1": {"kernel": jnp.ones((3, 3, 1, 2))}, "bn1_1": {"scale": jnp.ones(2)},
-              "fc1": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
-    grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.5), params)
+    """Over 3 steps (momentum and weight decay on): every leaf of every conv and BatchNorm layer gets a
+    zero update; every head leaf gets exactly the update it would get unfrozen."""
+    shapes = {"conv1_1": {"kernel": (3, 3, 1, 2), "bias": (2,)}, "bn1_1": {"scale": (2,), "bias": (2,)},
+              "conv2_1": {"kernel": (3, 3, 2, 2), "bias": (2,)}, "bn2_1": {"scale": (2,), "bias": (2,)},
+              "fc1": {"kernel": (8, 2), "bias": (2,)}, "head_out": {"kernel": (2, 3), "bias": (3,)}}
+    rng = np.random.default_rng(2)
+    params = {n: {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in layer.items()}
+              for n, layer in shapes.items()}
+    grads = [jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+             for _ in range(3)]
     kw = dict(learning_rate=0.1, name="sgd", momentum=0.9, weight_decay=1e-2)
-    frozen = optim.make_optimizer(freeze_features=True, **kw)
-    plain = optim.make_optimizer(**kw)
-    up, _ = frozen.update(grads, frozen.init(params), params)
-    ref, _ = plain.update(grads, plain.init(params), params)
-    assert not np.any(up["conv1_1"]["kernel"]) and not np.any(up["bn1_1"]["scale"])
-    np.testing.assert_array_equal(up["fc1"]["kernel"], ref["fc1"]["kernel"])
-    assert np.all(np.asarray(up["fc1"]["kernel"]) < 0)
-    assert float(optim.learning_rate(frozen.update(grads, frozen.init(params), params)[1])) == \
-        pytest.approx(0.1)
+    runs = {}
+    for freeze in (True, False):
+        tx = optim.make_optimizer(freeze_features=freeze, **kw)
+        p, state = params, tx.init(params)
+        for g in grads:
+            updates, state = tx.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        runs[freeze] = p
+    assert float(optim.learning_rate(state)) == pytest.approx(0.1)
+    for name, layer in shapes.items():
+        for leaf in layer:
+            frozen, plain, start = runs[True][name][leaf], runs[False][name][leaf], params[name][leaf]
+            if name[:2] in ("co", "bn"):
+                np.testing.assert_array_equal(frozen, start, err_msg=f"{name} {leaf}")
+            else:
+                np.testing.assert_array_equal(frozen, plain, err_msg=f"{name} {leaf}")
+                assert np.abs(np.asarray(frozen) - np.asarray(start)).min() > 0, (name, leaf)
 
 
 def _tiny_step(tx):

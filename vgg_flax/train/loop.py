@@ -43,6 +43,13 @@ class Interrupted(Exception):
         self.signum, self.step = signum, step
 
 
+# float16 trains with float32 parameters and no loss scaling: gradient values below float16's
+# smallest subnormal (6e-8) flush to zero and those below 6e-5 lose precision, more so at large
+# batches (the loss is a batch mean). bfloat16 has float32's range and needs no scaling.
+FLOAT16_WARNING = ("config.model.dtype='float16' trains without loss scaling: small gradients "
+                   "underflow to zero; bfloat16 (float32's range) is the supported half precision")
+
+
 def _check_positive(section: str, **values: int) -> None:
     for key, value in values.items():
         if value <= 0:
@@ -183,6 +190,8 @@ def setup(config, workdir: str, datasets, optimizer=None) -> tuple[Run, steps.Tr
                                      num_processes=jax.process_count())
     data = make_data(datasets, seed=config.seed, **config.data)
     model = ckpt_lib.model_from_config(config.model.to_dict(), num_classes=data.num_classes)
+    if model.dtype == jnp.float16:
+        logging.warning(FLOAT16_WARNING)
     init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
     variables = initial_variables(model, init_rng, image_size=config.data.image_size,
                                   warm_start_from=config.warm_start_from, pretrained=config.pretrained,
