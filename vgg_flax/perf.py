@@ -33,12 +33,16 @@ def enable_compilation_cache(cache_dir: str | None = None, *, min_compile_second
         cache holds the train/eval steps rather than hundreds of tiny helper programs.
     """
     import jax
+    from jax.experimental.compilation_cache import compilation_cache
 
     path = cache_dir if cache_dir is not None else default_cache_dir()
     if not path:
         return None
     path = os.path.abspath(os.path.expanduser(path))
     os.makedirs(path, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir != path:
+        # JAX opens its cache at the first compilation and keeps that directory: reopen it here.
+        compilation_cache.reset_cache()
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_seconds))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
