@@ -1,6 +1,7 @@
 """The commands' mistakes as one stderr line and exit status 2 (`--debug`: the traceback), packaged
 configs by name, and the training program's own one-line errors (bad config, unknown config name,
-unknown dataset, a locked workdir, a NaN loss with or without a checkpoint)."""
+unknown dataset, a locked workdir, a NaN loss with or without a checkpoint, a damaged checkpoint)
+and exit statuses after a signal."""
 
 import os
 import socket
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "train"))
 from train_harness import FakeDatasets, tiny_config  # noqa: E402
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+HARNESS = os.path.join(ROOT, "tests", "train", "train_harness.py")
 
 
 @pytest.fixture(scope="module")
@@ -133,14 +135,48 @@ def test_nan_loss_names_the_checkpoint_kept(tmp_path, nan_at, says):
         training.train_and_evaluate(tiny_config(), str(tmp_path), datasets=FakeDatasets(nan_at_step=nan_at))
 
 
-def test_corrupt_checkpoint_fallback_is_one_warning_line(tmp_path, caplog):
-    """Array data damaged (not the metadata): orbax's error carries the whole TensorStore spec."""
+def test_corrupt_checkpoint_fallback_is_one_warning_line(tmp_path):
+    """Array data damaged (not the metadata): orbax's error carries the whole TensorStore spec, and
+    the reads gathered with the failing one died after the warning as asyncio tracebacks ("Event
+    loop is closed", "Exception ignored in coroutine ..."). The fallback run, through the training
+    program's entry point on 8 devices (8 reads per array), prints the warning and nothing else."""
     training.train_and_evaluate(tiny_config(), str(tmp_path), datasets=FakeDatasets())
     data = tmp_path / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d"
     for f in os.listdir(data):
         (data / f).write_bytes(b"\x00garbage")
-    caplog.clear()
-    training.train_and_evaluate(tiny_config(), str(tmp_path), datasets=FakeDatasets())
-    warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
-    assert len(warnings) == 1 and len(warnings[0].splitlines()) == 1, warnings
-    assert "checkpoint step 6" in warnings[0] and "falling back to the previous one" in warnings[0]
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "VGG_FLAX_COMPILATION_CACHE": "off"}
+    cmd = [sys.executable, HARNESS, str(tmp_path), str(tmp_path / "unused.npz"), "{}", "--entry"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resuming at step 4" in out.stdout, out.stdout
+    warnings = [line for line in out.stderr.splitlines() if "unreadable" in line]
+    assert len(warnings) == 1, out.stderr[-3000:]
+    assert "checkpoint step 6" in warnings[0] and warnings[0].endswith("falling back to the previous one")
+    noise = ("Traceback", "Event loop is closed", "Exception ignored", "_read_array_index_and_device_put",
+             "never retrieved", "destroyed but it is pending", "TensorStore(")
+    assert [n for n in noise if n in out.stderr] == [], out.stderr[-3000:]
+
+
+def test_interrupted_training_exit_status_is_128_plus_the_signal_and_one_line(caplog):
+    """What train.py exits with: SIGTERM 143 and SIGINT 130 after the loop saved (the step named),
+    a Ctrl-C outside the steps (setup, compilation) 130 with one line, not a KeyboardInterrupt
+    traceback. The signals themselves: tests/train/test_training.py (SIGTERM through this entry point)."""
+    def stopped(signum):
+        def train():
+            raise training.Interrupted(signum, 4)
+        return train
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    for train, status, says in [
+            (stopped(15), 143, "stopped by signal 15 after saving step 4"),
+            (stopped(2), 130, "stopped by signal 2 after saving step 4"),
+            (ctrl_c, 130, "stopped by signal 2 outside the training steps: nothing unsaved")]:
+        caplog.clear()
+        try:
+            assert train_app.exit_status(train) == status
+        except KeyboardInterrupt:  # escaping, it would end the pytest session
+            pytest.fail("KeyboardInterrupt escaped: a traceback, not one line")
+        assert [r.getMessage() for r in caplog.records] == [says]

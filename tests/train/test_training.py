@@ -34,14 +34,13 @@ PLATEAU = {"schedule.name": "plateau", "schedule.patience": 1, "schedule.min_del
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_P"))}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=train_harness.ROOT, **extra)
+               PYTHONPATH=train_harness.ROOT, VGG_FLAX_COMPILATION_CACHE="off", **extra)
     return env
 
 
-def _launch(workdir, out, overrides=None, devices=1, extra_args=(), **env):
+def _launch(workdir, out, overrides=None, devices=1, extra_args=(), stderr=subprocess.STDOUT, **env):
     cmd = [sys.executable, HARNESS, str(workdir), str(out), json.dumps(overrides or {}), *extra_args]
-    return subprocess.Popen(cmd, env=_env(devices, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(cmd, env=_env(devices, **env), stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def _run(workdir, out, overrides=None, devices=1, extra_args=()):
@@ -97,56 +96,127 @@ def test_two_processes_equal_one(reference, tmp_path):
     _assert_close(reference, dict(np.load(tmp_path / "out.npz")))
 
 
-def _wait_for_step(workdir, step: int, proc, timeout=120):
+def _wait_for_step(workdir, step: int, proc, checkpoint: int | None = None, timeout=120):
+    """Until metrics.jsonl has a row of `step` or later (and `checkpoint` is a finished step)."""
     path = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()[0][-3000:]
-        if os.path.exists(path):
-            rows = [json.loads(line) for line in open(path) if line.strip()]
-            if any(r["step"] >= step for r in rows):
-                return
+        # orbax writes a step under a temporary name and renames it to the bare step when complete.
+        saved = checkpoint is None or os.path.isdir(os.path.join(workdir, "checkpoints", str(checkpoint)))
+        if saved and any(r["step"] >= step for r in _rows(path)):
+            return
         time.sleep(0.02)
     raise TimeoutError(f"step {step} not reached")
 
 
+def _rows(path) -> list[dict]:
+    """metrics.jsonl's complete rows (a row cut short by a kill is skipped)."""
+    rows = []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def _latest_checkpoint(workdir) -> int | None:
+    saved = checkpoints.Checkpoints(str(workdir), async_save=False)
+    try:
+        return saved.latest_step()
+    finally:
+        saved.close()
+
+
+def _assert_resumed(work, before: str, saved: int, starts, reference, resumed):
+    """The second run continued the first from its checkpoint `saved`: it opened the data at `saved`
+    (never at 0), kept the first run's rows up to `saved` byte for byte (their images_per_sec is
+    wall-clock: a run starting over rewrites them with other values) and ends bit-exact."""
+    assert starts == [0, saved], starts
+    kept = [line for line in before.splitlines(keepends=True)
+            if line.endswith("\n") and json.loads(line)["step"] <= saved]
+    assert sum("train_loss" in line for line in kept) == saved  # one train row per step (log.every_steps 1)
+    after = open(work / "metrics.jsonl").read()
+    assert after.startswith("".join(kept)), (kept, after)
+    for k in reference:
+        np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
+
+
 def test_kill9_then_resume_is_bit_exact(reference, tmp_path):
-    """SIGKILL between checkpoints (maybe mid async save); the same command again ends bit-exact."""
-    work = tmp_path / "work"
-    proc = _launch(work, tmp_path / "out.npz", PLATEAU, extra_args=("--sleep", "0.4"))
-    _wait_for_step(work, 3, proc)
+    """SIGKILL mid-run, after step 5 (the data of step 6 held back), checkpoints at 2 and 4; the same
+    command again resumes from step 4 (the newest, not the oldest, nor step 0) and ends bit-exact."""
+    work, starts = tmp_path / "work", tmp_path / "starts.txt"
+    proc = _launch(work, tmp_path / "out.npz", PLATEAU,
+                   extra_args=("--stall-at", "6", "--data-log", str(starts)))
+    _wait_for_step(work, 5, proc, checkpoint=4)
     proc.kill()
     proc.wait()
     assert not os.path.exists(tmp_path / "out.npz")
+    before = open(work / "metrics.jsonl").read()
+    done = max(r["step"] for r in _rows(work / "metrics.jsonl"))
+    assert done == 5, done  # the kill landed mid-run: some steps done, not all
+    saved = _latest_checkpoint(work)
+    assert saved == 4, saved
     with open(work / "metrics.jsonl", "a") as f:
-        f.write('{"step": 4, "train_lo')  # as if killed in the middle of writing a row
-    resumed = _run(work, tmp_path / "out.npz", PLATEAU)
-    for k in reference:
-        np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
+        f.write('{"step": 5, "train_lo')  # as if killed in the middle of writing a row
+    resumed = _run(work, tmp_path / "out.npz", PLATEAU, extra_args=("--data-log", str(starts)))
+    _assert_resumed(work, before, saved, train_harness.read_data_log(starts), reference, resumed)
     rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
     train_keys = {"step", "train_loss", "train_accuracy", "learning_rate", "images_per_sec"}
     eval_keys = {"step", "eval_loss", "eval_top1", "eval_top5"}
     assert all(set(r) in (train_keys, eval_keys) for r in rows)
     assert [r["step"] for r in rows if "eval_top1" in r] == [3, 6]
     train_steps = [r["step"] for r in rows if "train_loss" in r]
-    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 6  # no duplicated rows
+    assert train_steps == list(range(1, 7))  # no duplicated, no missing rows
 
 
 def test_sigterm_saves_then_resume_is_bit_exact(reference, tmp_path):
-    work = tmp_path / "work"
-    proc = _launch(work, tmp_path / "out.npz", PLATEAU, extra_args=("--sleep", "0.4"))
+    """SIGTERM through the training program's entry point (train.py's `train_app.run`): it saves
+    the step it was at, says so in one line and exits 143 (128 + 15); the same command resumes."""
+    work, starts = tmp_path / "work", tmp_path / "starts.txt"
+    proc = _launch(work, tmp_path / "out.npz", PLATEAU, stderr=subprocess.PIPE,
+                   extra_args=("--sleep", "0.4", "--data-log", str(starts), "--entry"))
     _wait_for_step(work, 3, proc)
     proc.send_signal(signal.SIGTERM)
-    log, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0, log[-2000:]
-    assert "Interrupted" in log
-    saved = checkpoints.Checkpoints(str(work), async_save=False)
-    stopped_at = saved.latest_step()
-    saved.close()
-    assert 3 <= stopped_at < 6  # saved where the signal found it, not only at the regular saves
-    resumed = _run(work, tmp_path / "out.npz", PLATEAU)
-    for k in reference:
-        np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, (out[-2000:], err[-2000:])
+    before = open(work / "metrics.jsonl").read()
+    stopped_at = _latest_checkpoint(work)
+    assert 3 <= stopped_at < 6  # saved where the signal found it (mid-run), not only at the regular saves
+    assert max(r["step"] for r in _rows(work / "metrics.jsonl")) == stopped_at
+    said = [line for line in err.splitlines() if "signal" in line]
+    assert len(said) == 1 and said[0].endswith(f"stopped by signal 15 after saving step {stopped_at}"), err
+    assert "Traceback" not in err, err
+    resumed = _run(work, tmp_path / "out.npz", PLATEAU, extra_args=("--data-log", str(starts)))
+    _assert_resumed(work, before, stopped_at, train_harness.read_data_log(starts), reference, resumed)
+
+
+class _SignalAt(FakeDatasets):
+    """Sends this process `signum` when the training batch of `step` is produced (in the prefetch
+    thread: Python runs the handler in the main thread, inside the training loop)."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__()
+        self.signum, self.step = signum, step
+
+    def _train(self, batch_size, seed, start_step, pi, pc):
+        for step, batch in enumerate(super()._train(batch_size, seed, start_step, pi, pc), start_step + 1):
+            if step == self.step:
+                os.kill(os.getpid(), self.signum)
+            yield batch
+
+
+def test_sigint_saves_and_stops_like_sigterm(tmp_path):
+    """Ctrl-C in the training loop: the step reached is checkpointed, then `Interrupted` (signal 2;
+    the entry point exits 130 with its one line, tests/cli/test_cli.py)."""
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(training.Interrupted) as stop:
+        _train(tmp_path, _SignalAt(signal.SIGINT, 3), **PLATEAU)
+    assert stop.value.signum == signal.SIGINT and 1 <= stop.value.step < 6
+    assert _latest_checkpoint(tmp_path) == stop.value.step
+    assert max(r["step"] for r in _rows(tmp_path / "metrics.jsonl")) == stop.value.step
+    assert signal.getsignal(signal.SIGINT) is handler  # the loop puts the handler back
 
 
 def _train(workdir, datasets=None, optimizer=None, **overrides):
@@ -173,16 +243,23 @@ def _corrupt_step(workdir, step):
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
-    # The plateau schedule: its state (after the eval at step 3) must come back from step 4's checkpoint.
+    """Step 6 damaged: step 4 (the previous, not an older one) is restored with the plateau rule's
+    state, so the eval at step 6 makes the second reduction (scale 0.01, as in an unbroken run)."""
     kw = PLATEAU
-    expected = flat_params(_train(tmp_path / "a", **kw))
+    done = _train(tmp_path / "a", **kw)
+    expected = flat_params(done)
     _train(tmp_path / "b", **kw)
     _corrupt_step(tmp_path / "b", 6)
-    final = flat_params(_train(tmp_path / "b", **kw))  # restores 4, retrains 5 and 6
+    starts = tmp_path / "starts.txt"
+    state = _train(tmp_path / "b", FakeDatasets(log_path=str(starts)), **kw)  # restores 4, retrains 5 and 6
+    assert train_harness.read_data_log(starts) == [4]
+    final = flat_params(state)
     assert "step 6" in caplog.text and "unreadable" in caplog.text
-    assert os.listdir(tmp_path / "b" / "checkpoints_corrupt")
+    assert [d.split("-")[0] for d in os.listdir(tmp_path / "b" / "checkpoints_corrupt")] == ["6"]
     for k in expected:
         np.testing.assert_array_equal(final[k], expected[k], err_msg=k)
+    scales = [float(optax.tree_utils.tree_get(s.opt_state, optim.LR_SCALE)) for s in (done, state)]
+    assert scales[1] == scales[0] == pytest.approx(0.01)  # without the restored rule: 0.1 (one reduction)
     metas = []
     for d in "ab":  # the plateau rule's state came back too: 2 reductions (steps 3 and 6) in both
         ckpt = checkpoints.Checkpoints(str(tmp_path / d), async_save=False)
@@ -249,6 +326,32 @@ def test_class_count_mismatch_is_one_clear_error(tmp_path):
     with pytest.raises(warm_start.WeightsMismatchError, match="has 3 classes but the run has 5"):
         _train(tmp_path / "b", warm_start_from=str(tmp_path / "a"), **{"data.num_classes": 5},
                **_fc_model("D"))
+
+
+def test_another_architecture_is_one_clear_error_never_corrupt(tmp_path, caplog):
+    """A workdir of one architecture resumed with another of the same class count: an error naming
+    both, and the checkpoints left where they are (treated as "corrupt" they would be moved aside and
+    the run would start over). 8,M,8,M and 8,8,M even have the same array shapes (conv2_1 vs conv1_2)."""
+    _train(tmp_path, num_train_steps=2, **{"model.config": "8,M,8,M"})
+    with pytest.raises(checkpoints.CheckpointError, match=r"of model '8,M,8,M, BatchNorm, small head', "
+                       r"this run's is '8,8,M, BatchNorm, small head'"):
+        _train(tmp_path, num_train_steps=4, **{"model.config": "8,8,M"})
+    # Checkpoints saved without their model (older runs): the array names tell, still never "corrupt".
+    ckpt = checkpoints.Checkpoints(str(tmp_path), async_save=False)
+    saved = ckpt.read_state_numpy(2)
+    saved["params"]["conv1_2"] = saved["params"].pop("conv2_1")  # the same shapes, another name
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), saved)
+    with pytest.raises(checkpoints.CheckpointError, match="this run has params/conv1_2/bias, they do not"):
+        ckpt.restore_latest_good(abstract)
+    assert ckpt.all_steps() == [2]
+    ckpt.close()
+    assert not os.path.exists(tmp_path / "checkpoints_corrupt") and "unreadable" not in caplog.text
+    vgg11 = {"config": "vgg11", "batch_norm": False, "head": "torchvision"}
+    with pytest.raises(checkpoints.CheckpointError, match="of model 'vgg11, torchvision head', this "
+                       "run's is 'vgg13, torchvision head'"):
+        checkpoints.check_same_architecture(vgg11, {**vgg11, "config": "vgg13"}, "d")
+    checkpoints.check_same_architecture(vgg11, {**vgg11, "config": "A"}, "d")  # vgg11 is A
+    checkpoints.check_same_architecture(None, vgg11, "d")  # no model saved: the arrays decide
 
 
 def _fc_model(letter: str) -> dict:
@@ -408,6 +511,39 @@ def test_checkpoints_keep_the_latest_k_and_the_best(tmp_path):
     ckpt.close()
     np.testing.assert_array_equal(restored["w"], [2.0, 2.0, 2.0])
     assert meta == {"num_classes": 3}
+
+
+def test_a_failed_orbax_read_leaves_no_pending_task(monkeypatch):
+    """orbax runs a read in a fresh event loop and closes it when the read raises; the reads
+    gathered with the failing one must not outlive it (they printed "Exception ignored in coroutine
+    _read_array_index_and_device_put" / "Event loop is closed" after a damaged checkpoint's warning).
+    The same pattern as orbax's array read: any exception, GeneratorExit included, is re-raised."""
+    import asyncio
+    import gc
+
+    from orbax.checkpoint._src import asyncio_utils
+
+    async def slow_read():
+        try:
+            await asyncio.sleep(5)
+        except BaseException as err:
+            raise Exception("a read outliving its loop") from err
+
+    async def damaged_read():
+        await asyncio.sleep(0)
+        raise OSError("damaged file")
+
+    async def restore():
+        await asyncio.gather(damaged_read(), slow_read(), slow_read())
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    policy = asyncio.get_event_loop_policy()
+    with checkpoints._tidy_reads(), pytest.raises(OSError, match="damaged file"):
+        asyncio_utils.run_sync(restore())
+    gc.collect()
+    assert [str(u.exc_value) for u in unraisable] == []
+    assert asyncio.get_event_loop_policy() is policy  # put back
 
 
 def test_a_user_built_optax_optimizer_trains_through_the_loop(tmp_path):

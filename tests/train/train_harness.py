@@ -7,7 +7,16 @@ one config in a fresh process (so XLA_FLAGS / jax.distributed can be set before 
 saves the final parameters to an .npz file:
 
     python tests/train/train_harness.py WORKDIR OUT.npz '{"num_train_steps": 6, "schedule.name": "plateau"}' \
-        [--nan-at 3] [--sleep 0.1]
+        [--nan-at 3] [--sleep 0.1] [--stall-at 6] [--data-log PATH] [--entry]
+
+--stall-at N holds back the batch of step N (10 minutes): the run stops after step N-1, to be killed.
+
+--data-log appends the `start_step` the training split is opened at to PATH (one line per opening:
+a resumed run asks for its checkpoint's step, a run starting over for 0). --entry runs the training
+program's own entry point (`vgg_flax.cli.train_app.run`, what train.py calls: its console, signal
+exit statuses and one-line errors) with this file as the config file (`get_config`) and the
+overrides as --config.KEY=VALUE flags, the fake datasets in place of the input pipeline; it saves
+no .npz.
 """
 
 from __future__ import annotations
@@ -77,11 +86,22 @@ def _examples(rng: np.random.Generator, n: int):
     return images, labels
 
 
-class FakeDatasets:
-    """`create_dataset` / `dataset_info` over generated data; optional NaN and slowness."""
+def get_config():
+    """The config file protocol of ml_collections (`--entry` passes this file as --config)."""
+    return tiny_config()
 
-    def __init__(self, nan_at_step: int = -1, sleep: float = 0.0):
-        self.nan_at_step, self.sleep = nan_at_step, sleep
+
+class FakeDatasets:
+    """`create_dataset` / `dataset_info` over generated data; optional NaN and slowness.
+
+    stall_at_step: the batch of that step is held back for 10 minutes (a run to be killed there).
+    log_path: a file to which each opening of the training split appends its `start_step`.
+    """
+
+    def __init__(self, nan_at_step: int = -1, sleep: float = 0.0, log_path: str | None = None,
+                 stall_at_step: int = -1):
+        self.nan_at_step, self.sleep, self.log_path = nan_at_step, sleep, log_path
+        self.stall_at_step = stall_at_step
 
     def dataset_info(self, name, data_dir=None):
         if name != "fake":
@@ -91,6 +111,9 @@ class FakeDatasets:
     def create_dataset(self, name, split, *, batch_size, train, image_size, seed=0, start_step=0,
                        process_index=0, process_count=1, **_):
         assert image_size == SIZE
+        if train and self.log_path:
+            with open(self.log_path, "a") as f:
+                f.write(f"{start_step}\n")
         if train:
             return self._train(batch_size, seed, start_step, process_index, process_count)
         return self._eval(batch_size, process_index, process_count)
@@ -105,6 +128,8 @@ class FakeDatasets:
                 images[:] = np.nan
             if self.sleep:
                 time.sleep(self.sleep)
+            if step + 1 == self.stall_at_step:
+                time.sleep(600)
             yield {"image": images, "label": labels, "mask": np.ones(batch_size, bool)}
             step += 1
 
@@ -129,16 +154,31 @@ def flat_params(state) -> dict[str, np.ndarray]:
     return out
 
 
+def read_data_log(path) -> list[int]:
+    """The start steps a `--data-log` file recorded, in order ([] when the split was never opened)."""
+    return [int(line) for line in open(path)] if os.path.exists(path) else []
+
+
 def main(argv: list[str]) -> int:
     workdir, out_path, overrides = argv[0], argv[1], json.loads(argv[2])
-    nan_at = int(argv[argv.index("--nan-at") + 1]) if "--nan-at" in argv else -1
-    sleep = float(argv[argv.index("--sleep") + 1]) if "--sleep" in argv else 0.0
+    option = {k: argv[argv.index(k) + 1] for k in ("--nan-at", "--sleep", "--stall-at", "--data-log")
+              if k in argv}
+    datasets = FakeDatasets(nan_at_step=int(option.get("--nan-at", -1)),
+                            sleep=float(option.get("--sleep", 0.0)), log_path=option.get("--data-log"),
+                            stall_at_step=int(option.get("--stall-at", -1)))
     from vgg_flax import parallel
     from vgg_flax.train import loop as training
 
+    if "--entry" in argv:
+        training.input_pipeline = datasets  # what train_and_evaluate reads when given no datasets
+        flags = [f"--config.{key}={value}" for key, value in overrides.items()]
+        # train_app defines its config flag at import, from sys.argv: set it first.
+        sys.argv = ["train.py", "--workdir", workdir, "--config", os.path.abspath(__file__), *flags]
+        from vgg_flax.cli import train_app
+
+        train_app.run(sys.argv)
     parallel.initialize_distributed("JAX_COORDINATOR_ADDRESS" in os.environ)
-    state = training.train_and_evaluate(tiny_config(**overrides), workdir,
-                                        datasets=FakeDatasets(nan_at_step=nan_at, sleep=sleep))
+    state = training.train_and_evaluate(tiny_config(**overrides), workdir, datasets=datasets)
     import jax
 
     if jax.process_index() == 0:

@@ -11,16 +11,19 @@ workdir)`.
 
 `--config` takes a name from vgg_flax.configs (the repository's configs/, shipped in the wheel) or a
 path. Re-running the same command resumes from the newest checkpoint in --workdir. On SIGTERM/SIGINT
-the run checkpoints and exits with 128 + the signal number; a mistake (bad config value, unknown
-dataset, a workdir another program is training in, a NaN loss) ends in one line and exit status 2
-(`--debug`: the traceback).
+the run checkpoints the step it is at, says so in one line and exits with 128 + the signal number
+(143, 130; a Ctrl-C before the first step or after the last save has nothing to save: one line,
+130). A mistake (bad config value, unknown dataset, a workdir another program is training in, a NaN
+loss) ends in one line and exit status 2 (`--debug`: the traceback).
 """
 
 from __future__ import annotations
 
 import logging as py_logging
 import os
+import signal
 import sys
+from collections.abc import Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -93,6 +96,19 @@ def _train() -> int:
     return 0
 
 
+def exit_status(train: Callable[[], int], *, debug: bool = False) -> int:
+    """`train()`'s exit status: 2 for a mistake (one line), 128 + the signal for a stop by SIGTERM
+    or SIGINT (one line: the step saved)."""
+    try:
+        return errors.run_command("train", train, debug=debug)
+    except training.Interrupted as stop:
+        logging.warning("%s", stop)
+        return 128 + stop.signum
+    except KeyboardInterrupt:  # outside the training steps (setup, compilation, the final save's end)
+        logging.warning("stopped by signal %d outside the training steps: nothing unsaved", signal.SIGINT)
+        return 128 + signal.SIGINT
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -101,12 +117,7 @@ def main(argv: list[str]) -> None:
     logging.info("compilation cache: %s", cache or "off")
     parallel.initialize_distributed(FLAGS.distributed or "JAX_COORDINATOR_ADDRESS" in os.environ)
     logging.info("config:\n%s", FLAGS.config)
-    try:
-        status = errors.run_command("train", _train, debug=FLAGS.debug)
-    except training.Interrupted as stop:
-        logging.warning("%s", stop)
-        sys.exit(128 + stop.signum)
-    sys.exit(status)
+    sys.exit(exit_status(_train, debug=FLAGS.debug))
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -13,17 +13,20 @@ is `Checkpoints`' keyword arguments (every_steps, keep, async_save).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
 
-from vgg_flax.models import VGG, classifier_in, parse_config
+from vgg_flax.models import VGG, classifier_in, parse_config, resolve_config
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -38,6 +41,64 @@ def _ocp():
     import orbax.checkpoint as ocp  # heavy import, only when checkpoints are touched
 
     return ocp
+
+
+class _TidyLoops(asyncio.AbstractEventLoopPolicy):
+    """The current event loop policy, except that a loop it creates cancels and awaits its pending
+    tasks when closed (what `asyncio.run` does, for that loop only).
+
+    Why: orbax runs each read in a fresh loop (`asyncio_utils._run_sync_via_new_loop`) and closes it
+    as soon as the read raises. The other arrays' reads, gathered with the failing one, are still
+    pending then; they die later at garbage collection or when TensorStore completes them, printing
+    "Exception ignored in coroutine _read_array_index_and_device_put" and "RuntimeError: Event loop
+    is closed" tracebacks after the one-line warning of a damaged checkpoint.
+    """
+
+    def __init__(self, base: asyncio.AbstractEventLoopPolicy):
+        self._base = base
+
+    def new_event_loop(self):
+        loop = self._base.new_event_loop()
+        close = loop.close
+
+        def finish_pending_then_close():
+            if not loop.is_closed() and not loop.is_running():
+                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                for task in pending:
+                    task.cancel()
+                if pending:  # return_exceptions: their errors are retrieved, never logged at exit
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            close()
+
+        loop.close = finish_pending_then_close
+        return loop
+
+    def get_event_loop(self):
+        return self._base.get_event_loop()
+
+    def set_event_loop(self, loop):
+        self._base.set_event_loop(loop)
+
+    def get_child_watcher(self):  # Unix, Python < 3.14
+        return self._base.get_child_watcher()
+
+    def set_child_watcher(self, watcher):
+        self._base.set_child_watcher(watcher)
+
+
+@contextlib.contextmanager
+def _tidy_reads():
+    """Around an orbax read: a failed read leaves no task behind (see `_TidyLoops`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the policy API, deprecated in 3.14
+        base = asyncio.get_event_loop_policy()
+        asyncio.set_event_loop_policy(_TidyLoops(base))
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.set_event_loop_policy(base)
 
 
 class Checkpoints:
@@ -109,20 +170,22 @@ class Checkpoints:
         """(state, meta) at `step`; `abstract_state` gives shapes, dtypes and shardings."""
         ocp = _ocp()
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-        out = self._manager.restore(step, args=args)
+        with _tidy_reads():
+            out = self._manager.restore(step, args=args)
         return out["state"], out["meta"]
 
     def restore_latest_good(self, abstract_state: Any, validate=None) -> tuple[Any, dict] | None:
         """The newest readable checkpoint, moving unreadable ones aside; None if there is none.
 
         A checkpoint that reads fine but was written by another run (`validate(meta)` raises, or the
-        array shapes differ from `abstract_state`'s) is an error, never "corrupt": it is left alone.
-        Every process tries the same steps in the same order, so all agree on the step restored.
+        array names or shapes differ from `abstract_state`'s) is an error, never "corrupt": it is
+        left alone. Every process tries the same steps in the same order, so all agree on the step
+        restored.
         """
-        want = _shapes(abstract_state)
+        want = _fingerprint(abstract_state)
         for step in reversed(self.all_steps()):
             try:
-                meta, saved = self.read_meta(step), _shapes(self._state_metadata(step))
+                meta, saved = self.read_meta(step), _fingerprint(self._state_metadata(step))
             except Exception as err:  # orbax raises many types for damaged files
                 self._warn_and_quarantine(step, err)
                 continue
@@ -130,7 +193,7 @@ class Checkpoints:
                 validate(meta)
             if saved != want:
                 raise CheckpointError(f"the checkpoints in {self.directory} were written for another model "
-                                      "or optimizer (array shapes differ); use a new workdir")
+                                      f"or optimizer ({_first_difference(saved, want)}); use a new workdir")
             try:
                 return self.restore(step, abstract_state)
             except Exception as err:
@@ -140,15 +203,20 @@ class Checkpoints:
     def read_meta(self, step: int) -> dict:
         """The JSON item saved with `step` (the plateau rule's state, the class count)."""
         ocp = _ocp()
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        with _tidy_reads():
+            return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def _state_metadata(self, step: int) -> Any:
-        metadata = self._manager.item_metadata(step)["state"]
+        with _tidy_reads():
+            metadata = self._manager.item_metadata(step)["state"]
         return metadata.tree if hasattr(metadata, "tree") else metadata
 
     def _warn_and_quarantine(self, step: int, err: Exception) -> None:
-        # orbax's read errors carry the whole TensorStore spec (~80 lines): the first line names the array.
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        # orbax wraps TensorStore's error (which names the array and what is wrong with its bytes) in
+        # one carrying the whole TensorStore spec (~80 lines): report the innermost cause's first line.
+        while err.__cause__ is not None:
+            err = err.__cause__
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
         logging.warning("checkpoint step %d in %s is unreadable (%s: %s); falling back to the previous "
                         "one", step, self.directory, type(err).__name__, reason)
         self._quarantine(step)
@@ -174,14 +242,59 @@ class Checkpoints:
         ocp = _ocp()
         item = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
                                       self._state_metadata(step))
-        out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item)))
+        with _tidy_reads():
+            out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item)))
         return out["state"]
 
 
-def _shapes(tree: Any) -> list[tuple[int, ...]]:
-    """The sorted leaf shapes: a structure-order-free fingerprint of a state."""
-    return sorted(tuple(np.shape(x)) if not hasattr(x, "shape") else tuple(x.shape)
-                  for x in jax.tree_util.tree_leaves(tree))
+def _key_name(key: Any) -> str:
+    """A path entry as orbax's metadata tree spells it: a dict key, attribute name or index."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _fingerprint(tree: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """(path "params/conv1_1/kernel", shape) of every leaf, sorted: a state's structure as the
+    TrainState and orbax's metadata dicts both give it (the same arrays, in containers of other types)."""
+    return sorted(("/".join(_key_name(k) for k in path), tuple(np.shape(x)))
+                  for path, x in jax.tree_util.tree_leaves_with_path(tree))
+
+
+def _first_difference(saved: list, want: list) -> str:
+    """What differs first between two fingerprints, in words."""
+    saved_d, want_d = dict(saved), dict(want)
+    for path in sorted(set(saved_d) | set(want_d)):
+        if path not in want_d:
+            return f"they have {path}, this run does not"
+        if path not in saved_d:
+            return f"this run has {path}, they do not"
+        if saved_d[path] != want_d[path]:
+            return f"{path} is {saved_d[path]} there, {want_d[path]} here"
+    return "the same arrays"
+
+
+def describe_model(model_cfg: dict) -> str:
+    """"vgg11, BatchNorm, small head": the architecture a `VGG.to_config` dict describes."""
+    config = model_cfg["config"]
+    if not isinstance(config, str):  # a custom config: as its comma string ("8,M,16x1,M")
+        config = ",".join(f"{e[0]}x{e[1]}" if isinstance(e, list | tuple) else str(e) for e in config)
+    return f"{config}{', BatchNorm' if model_cfg.get('batch_norm') else ''}, {model_cfg.get('head')} head"
+
+
+def check_same_architecture(saved: dict | None, current: dict, directory: str) -> None:
+    """Raises CheckpointError naming both architectures when a checkpoint's model (its meta's
+    `VGG.to_config`; None in checkpoints written before it was saved) is not the run's: another
+    config (names resolved: vgg11 is A), BatchNorm or head. Other fields are the arrays' business."""
+    if saved is None:
+        return
+    same = (resolve_config(saved["config"]) == resolve_config(current["config"])
+            and all(saved.get(k) == current.get(k) for k in ("batch_norm", "head")))
+    if not same:
+        raise CheckpointError(f"the checkpoints in {directory} are of model {describe_model(saved)!r}, "
+                              f"this run's is {describe_model(current)!r}; use a new workdir (or the "
+                              "checkpoints' model)")
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:

@@ -147,6 +147,7 @@ class Run:
     train_step: Callable
     eval_step: Callable
     ckpt: ckpt_lib.Checkpoints
+    model_config: dict  # VGG.to_config(): saved with each checkpoint, checked on resume
     plateau: optim.Plateau | None  # None unless schedule.name == "plateau"
     eval: EvalSpec
     log: LogSpec
@@ -201,8 +202,15 @@ def setup(config, workdir: str, datasets, optimizer=None) -> tuple[Run, steps.Tr
         optim.set_lr_scale(state.opt_state, 1.0)  # fails now, not at the first plateau
     shardings = steps.state_sharding_like(state, mesh)
     ckpt = ckpt_lib.Checkpoints(workdir, **config.checkpoints)
-    state = _resume(ckpt, jax.device_put(state, shardings), shardings, data.num_classes, plateau)
-    run = Run(mesh=mesh, data=data, ckpt=ckpt, plateau=plateau, eval=eval_spec, log=log_spec,
+    model_config = model.to_config()
+    try:
+        state = _resume(ckpt, jax.device_put(state, shardings), shardings, data.num_classes, model_config,
+                        plateau)
+    except BaseException:
+        ckpt.close()
+        raise
+    run = Run(mesh=mesh, data=data, ckpt=ckpt, model_config=model_config, plateau=plateau, eval=eval_spec,
+              log=log_spec,
               train_step=steps.make_train_step(mesh, shardings, model=model, tx=tx, **config.step),
               eval_step=steps.make_eval_step(mesh, shardings, model=model),
               num_train_steps=config.num_train_steps, global_batch_size=config.global_batch_size)
@@ -210,9 +218,13 @@ def setup(config, workdir: str, datasets, optimizer=None) -> tuple[Run, steps.Tr
     return run, state
 
 
-def _resume(ckpt, state, shardings, num_classes: int, plateau):
-    """The newest good checkpoint's state (plateau restored), or `state` when there is none."""
+def _resume(ckpt, state, shardings, num_classes: int, model_config: dict, plateau):
+    """The newest good checkpoint's state (plateau restored), or `state` when there is none.
+
+    Checkpoints of another architecture or class count are an error naming both (never "corrupt").
+    """
     def validate(meta):
+        ckpt_lib.check_same_architecture(meta.get("model"), model_config, ckpt.directory)
         if int(meta["num_classes"]) != num_classes:
             raise warm_start.WeightsMismatchError(
                 f"the checkpoints in {ckpt.directory} have {meta['num_classes']} classes but the run "
@@ -245,7 +257,7 @@ def evaluate_run(run: Run, state) -> dict[str, float]:
 
 def _meta(run: Run) -> dict:
     plateau = {"plateau": run.plateau.state_dict()} if run.plateau is not None else {}
-    return {"num_classes": run.data.num_classes, **plateau}
+    return {"num_classes": run.data.num_classes, "model": run.model_config, **plateau}
 
 
 def _flush(run: Run, pending: list, start_time: float, logger) -> float:
