@@ -44,3 +44,14 @@ def test_resize_is_tf_image_resize_antialiased_bit_for_bit(shape, size):
     image = tf.constant(np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8))
     want = tf.image.resize(image, size, method="bilinear", antialias=True).numpy()
     np.testing.assert_array_equal(resample.resize(image, size).numpy(), want)
+
+
+def test_eval_views_of_saturated_pixels_round_into_0_255_without_clipping():
+    """transforms._round does not clip: a 0/255 checkerboard's antialiased resize rounds into [0, 255]."""
+    from vgg_flax.data import transforms
+
+    image = tf.constant((np.random.default_rng(2).integers(0, 2, (75, 101, 1)) * 255).repeat(3, 2), tf.uint8)
+    for short, size in [(64, 56), (150, 140), (75, 75)]:
+        out = transforms.eval_transform("center", image_size=size, resize=short)(image).numpy()
+        assert out.min() >= 0 and out.max() <= 255 and (out == np.round(out)).all()
+        assert out.max() == 255 and out.min() == 0

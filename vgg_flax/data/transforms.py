@@ -38,8 +38,10 @@ def short_side_shape(image, short) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 def _round(pixels: tf.Tensor) -> tf.Tensor:
-    """As PIL's uint8 output: evaluation rounds, to match torchvision on PIL images."""
-    return tf.clip_by_value(tf.round(pixels), 0.0, 255.0)
+    """As PIL's uint8 output: evaluation rounds, to match torchvision on PIL images. No clipping is
+    needed: the triangle filter's weights are positive and sum to 1, so its outputs stay within
+    [0, 255] up to float rounding, which the rounding removes."""
+    return tf.round(pixels)
 
 
 def resize_short_side(image, short, *, round_pixels: bool = False) -> tf.Tensor:
