@@ -70,7 +70,10 @@ def ours(jpegs: list[bytes], *, batch_size: int, threads: int, train: bool, **kw
     """Endless batches of our pipeline over the JPEGs (evaluation: one pass after another)."""
     from vgg_flax.data import pipeline
 
-    jpegs = jpegs if train else jpegs * 4  # Longer passes: fewer pipeline restarts.
+    # Evaluation: passes of 4,096 images. Each pass builds a new pipeline (~0.45 s of CPU: the split's
+    # tensor, tracing the map), which passes of 1,024 images charged at ~0.4 ms per image, a fifth of
+    # the measured cost; an evaluation of 50,000 images pays it once (the steady state measured here).
+    jpegs = jpegs if train else jpegs * 16
     labels = np.arange(len(jpegs)) % 1000
     while True:
         yield from pipeline.from_encoded(jpegs, labels, batch_size=batch_size, train=train,

@@ -209,13 +209,18 @@ def _train_stream(source, *, batch_size, image_size, seed, start_step, augment, 
     augment_fn = transforms.train_transform(augment, image_size=image_size, options=opts)
     key = tf.constant([seed % (2**31), source.index], tf.int64)
 
+    always_ok = []  # Whether `ok` is the constant True (bytes decoded by TF), seen when tracing.
+
     def prepare(position, ex):
         rng = tf.random.experimental.stateless_fold_in(key, position)
         pixels, ok = _transformed(source, ex, lambda image: augment_fn(image, rng), decoded=decoded,
                                   window=opts["decode_window"])
+        always_ok.append(tf.get_static_value(ok) is not None and bool(tf.get_static_value(ok)))
         return {"image": transforms.normalize(pixels, norm), "label": ex["label"], "mask": ok}
 
-    ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).filter(lambda ex: ex["mask"])
+    ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    if not all(always_ok):  # A filter between map and batch blocks tf.data's map-and-batch fusion.
+        ds = ds.filter(lambda ex: ex["mask"])
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(opts["threads"]))
 
@@ -242,12 +247,25 @@ def _eval_stream(source, *, batch_size, image_size, norm, opts):
         pixels, ok = _transformed(source, ex, view, decoded=decoded, window=opts["decode_window"])
         return {"image": transforms.normalize(pixels, norm), "label": ex["label"], "mask": ok}
 
-    ds = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    num_batches = math.ceil(max(source.shares) / batch_size)
-    padding = num_batches * batch_size - source.shares[source.index]
-    blank = tf.nest.map_structure(lambda s: tf.zeros([d or resize for d in s.shape], s.dtype),
-                                  ds.element_spec)  # ("whole" images have no static size.)
-    blank["mask"] = tf.constant(False)
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
-    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    # map + batch (fused by tf.data), then the last partial batch padded and blank batches appended:
+    # padding examples before batching would block the fusion (~10% of the throughput).
+    ds = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    share, num_batches = source.shares[source.index], math.ceil(max(source.shares) / batch_size)
+    blank = tf.nest.map_structure(lambda s: tf.zeros([batch_size] + [d or resize for d in s.shape[1:]],
+                                                     s.dtype), ds.element_spec)
+    # ("whole" images have no static size; their batch_size is 1, so never padded.)
+
+    def pad(batch):
+        def padded():
+            return tf.nest.map_structure(lambda x, b: tf.concat([x, b[tf.shape(x)[0]:]], 0), batch, blank)
+
+        full = tf.shape(batch["label"])[0] == batch_size
+        return tf.nest.map_structure(lambda x: tf.ensure_shape(x, [batch_size] + x.shape[1:]),
+                                     tf.cond(full, lambda: batch, padded))
+
+    if share % batch_size:
+        ds = ds.map(pad)
+    extra = num_batches - math.ceil(share / batch_size)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(extra)) if extra else ds
+    ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(opts["threads"]))
