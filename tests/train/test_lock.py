@@ -90,3 +90,24 @@ def test_lock_is_released_on_error_and_a_refused_config_leaves_no_workdir(tmp_pa
     assert not os.path.exists(tmp_path / lock.LOCK_FILE)
     with lock.WorkdirLock(str(tmp_path)):  # free again
         pass
+
+
+def test_refusal_names_an_owner_that_writes_its_record_just_after_locking(tmp_path):
+    """Two programs started together: the second can find the lock held and the file still empty (the
+    owner writes its record just after taking the lock); the refusal still names the owner."""
+    import fcntl
+    import threading
+
+    path = tmp_path / lock.LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, still empty
+    record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "now"}).encode()
+    writer = threading.Timer(0.3, lambda: os.pwrite(fd, record, 0))
+    writer.start()
+    try:
+        with pytest.raises(lock.WorkdirLockedError, match=f"in use by pid {os.getpid()} on "):
+            with lock.WorkdirLock(str(tmp_path)):
+                pass
+    finally:
+        writer.join()
+        os.close(fd)

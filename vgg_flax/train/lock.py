@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import time
 
 LOCK_FILE = "train.lock"
 
@@ -79,7 +80,7 @@ class WorkdirLock:
                 return None
             self._check_stale(self._read(fd))
         except OSError as err:
-            owner = self._read(fd)
+            owner = self._read_owner_of_held_lock(fd) if err.errno in (errno.EAGAIN, errno.EACCES) else {}
             os.close(fd)
             if err.errno in (errno.EAGAIN, errno.EACCES):
                 raise self._refusal(owner) from None
@@ -104,6 +105,16 @@ class WorkdirLock:
         who = _describe(owner) if owner else "another program"
         return WorkdirLockedError(f"workdir {self.workdir} is in use by {who}; wait for it to finish, use "
                                   f"another --workdir, or delete {self.path} if that program is gone")
+
+    def _read_owner_of_held_lock(self, fd: int, wait: float = 2.0) -> dict:
+        """The owner's record; an owner that has just taken the lock writes it a moment later, so an
+        empty file is read again for up to `wait` seconds (the refusal then names the owner)."""
+        deadline = time.monotonic() + wait
+        owner = self._read(fd)
+        while not owner and time.monotonic() < deadline:
+            time.sleep(0.05)
+            owner = self._read(fd)
+        return owner
 
     @staticmethod
     def _read(fd: int) -> dict:
