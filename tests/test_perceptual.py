@@ -79,7 +79,7 @@ def test_lpips_spatial_map_equals_the_lpips_package(reference, ours, size):
     assert _rel(got, want) <= 1e-5
 
 
-@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("size", SIZES[-1:])  # the non-square size (each float64 run is ~30 s here)
 def test_lpips_gradient_equals_torch_autograd(reference, size):
     """In float64 on both sides: in float32 a few ReLU / max-pool decisions flip on rounding and move
     single pixels of the gradient (torch's own float32 and float64 gradients differ by ~1e-2 there),
