@@ -92,6 +92,13 @@ def config_to_json(config: str | Sequence[ConfigEntry]) -> str | list:
     return [list(e) if isinstance(e, tuple) else e for e in resolve_config(config)]
 
 
+def config_to_spec(config: str | Sequence[ConfigEntry]) -> str:
+    """`parse_config`'s inverse: a name as it is, a custom config as its comma string ("8,M,16x1,M")."""
+    if isinstance(config, str):
+        return config
+    return ",".join(f"{e[0]}x{e[1]}" if isinstance(e, list | tuple) else str(e) for e in config)
+
+
 def conv_width(entry: ConfigEntry) -> tuple[int, int]:
     """(width, kernel_size) of a conv entry: a bare width is a 3x3 conv."""
     return entry if isinstance(entry, tuple) else (entry, 3)

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from vgg_flax.models import VGG, classifier_in, parse_config, resolve_config
+from vgg_flax.models.configs import config_to_spec
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -277,9 +278,7 @@ def _first_difference(saved: list, want: list) -> str:
 
 def describe_model(model_cfg: dict) -> str:
     """"vgg11, BatchNorm, small head": the architecture a `VGG.to_config` dict describes."""
-    config = model_cfg["config"]
-    if not isinstance(config, str):  # a custom config: as its comma string ("8,M,16x1,M")
-        config = ",".join(f"{e[0]}x{e[1]}" if isinstance(e, list | tuple) else str(e) for e in config)
+    config = config_to_spec(model_cfg["config"])
     return f"{config}{', BatchNorm' if model_cfg.get('batch_norm') else ''}, {model_cfg.get('head')} head"
 
 
