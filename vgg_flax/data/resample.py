@@ -2,8 +2,8 @@
 
 `tf.raw_ops.ScaleAndTranslate` (behind `tf.image.resize(..., antialias=True)`) filters the rows of
 an image by adding whole weighted rows (a vectorised loop), then its columns pixel by pixel with an
-inner loop over the 3 channels (scalar code), which costs ~3x the row pass: ~1.4 ms of a 331x331 ->
-224x224 resize on one core, the largest cost of a training image after decoding. `scale_and_translate`
+inner loop over the 3 channels (scalar code), several times the row pass and, after decoding, the
+largest cost of a training image (docs/PERFORMANCE.md, input pipeline). `scale_and_translate`
 runs both passes as row passes, each one ScaleAndTranslate of a [1, n, 1, m] "image" (its width-1
 column pass is an exact copy), the second on the transposed intermediate: the same weights, sums in
 the same order, so the result equals ScaleAndTranslate bit for bit (tests/data/test_resample.py).

@@ -221,9 +221,9 @@ def normalize(pixels: tf.Tensor, norm: preprocessing.Normalization) -> tf.Tensor
 def per_channel(x: tf.Tensor, scale=None, offset=None) -> tf.Tensor:
     """x * scale + offset for float32 x[..., W, C] and per-channel scale, offset [C] (None: skip).
 
-    Broadcasting a [C] vector over an image costs TensorFlow's CPU kernels ~4 ns per value (0.6 ms of
-    a 224x224 RGB image); over the rows of x seen as [-1, W * C], with the vectors tiled W times, it
-    costs a tenth of that."""
+    TensorFlow's CPU kernels broadcast a [C] vector over an image slowly; over the rows of x seen as
+    [-1, W * C], with the vectors tiled W times, the same arithmetic is several times faster
+    (docs/PERFORMANCE.md, input pipeline)."""
     shape = tf.shape(x)
     rows = tf.reshape(x, tf.stack([-1, shape[-2] * shape[-1]]))
     if scale is not None:
