@@ -102,13 +102,30 @@ def test_evaluate_combines_protocols_and_counts_every_example_once(tiny, image_f
     direct, labels = _direct(model, variables, image_folder)
     direct["dense+multicrop"] = (direct["dense"] + direct["multicrop"]) / 2
     results = evaluation.evaluate(model, variables, f"folder:{image_folder}", "val", image_size=S,
-                                  protocols=evaluation.PROTOCOLS, scales=[Q], batch_size=2,
+                                  protocols=[*evaluation.PROTOCOLS, "dense+multicrop"], scales=[Q],
+                                  batch_size=2,
                                   normalization="symmetric")
     for protocol, r in results.items():
         assert r["count"] == len(SIZES) == 7  # 7 images, batches of 2.
         assert r["top1"] == pytest.approx(np.mean(direct[protocol].argmax(-1) == labels)), protocol
         top5 = np.argsort(-direct[protocol], axis=-1)[:, :5]
         assert r["top5"] == pytest.approx(np.mean((top5 == labels[:, None]).any(-1))), protocol
+
+
+def test_a_new_protocol_is_one_row_and_an_unknown_one_lists_the_rows(tiny, image_folder, monkeypatch):
+    """A toy row (the center crop and its mirror image) through evaluate, against the direct average."""
+    model, variables = tiny
+    flip = evaluation.Protocol("center", lambda m: m, lambda x: jnp.stack([x, x[:, :, ::-1]], axis=1))
+    monkeypatch.setitem(evaluation.PROTOCOLS, "center_flip", flip)
+    name, kw = f"folder:{image_folder}", dict(scale=Q, image_size=S, batch_size=3, normalization="symmetric")
+    center, _ = evaluation.posteriors(model, variables, name, "val", protocol="center", **kw)
+    flipped, _ = evaluation.posteriors(model, variables, name, "val", protocol="center_flip", **kw)
+    direct, _ = _direct(model, variables, image_folder)
+    np.testing.assert_allclose(center, direct["center"], atol=2e-5)
+    assert not np.allclose(flipped, center, atol=1e-3)
+    valid = "\\['center', 'center_flip', 'dense', 'multicrop'\\]"
+    with pytest.raises(KeyError, match="'dense\\+tiles'.*" + valid):
+        evaluation.evaluate(model, variables, name, "val", protocols=["dense+tiles"])
 
 
 def test_multi_scale_averages_the_single_scale_posteriors(tiny, image_folder):
@@ -251,7 +268,8 @@ model = vgg_flax.VGG(config=(8, "M", 16, "M", 16, "M"), fc_width=16, num_classes
 with open(sys.argv[1], "rb") as f:
     variables = flax.serialization.msgpack_restore(f.read())
 results = evaluation.evaluate(model, variables, sys.argv[2], "val", image_size=32, scales=[64],
-                              protocols=evaluation.PROTOCOLS, batch_size=2, normalization="symmetric")
+                              protocols=[*evaluation.PROTOCOLS, "dense+multicrop"], batch_size=2,
+                              normalization="symmetric")
 with open(sys.argv[3] + str(jax.process_index()), "w") as f:
     json.dump(results, f)
 """
@@ -277,7 +295,8 @@ def test_two_process_evaluation_sums_every_example_once(tiny, image_folder, tmp_
     logs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
     single = evaluation.evaluate(model, variables, f"folder:{image_folder}", "val", image_size=S,
-                                 scales=[Q], protocols=evaluation.PROTOCOLS, batch_size=2,
+                                 scales=[Q], protocols=[*evaluation.PROTOCOLS, "dense+multicrop"],
+                                 batch_size=2,
                                  normalization="symmetric")
     for i in range(2):
         assert json.loads((tmp_path / f"out{i}").read_text()) == single

@@ -29,9 +29,10 @@ weights through head="dense"; the "small" and "dense" heads already accept any i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -40,9 +41,6 @@ import numpy as np
 from vgg_flax import parallel
 from vgg_flax.topk import topk_hits
 
-PROTOCOLS = ("center", "dense", "multicrop", "dense+multicrop")
-# The input pipeline's view of each basic protocol.
-_VIEWS = {"center": "center", "dense": "full", "multicrop": "multicrop"}
 # Views per device per network call (image_size x image_size each), the default bound on evaluation
 # memory. The rule: inference keeps about two activations of one conv alive per view, at most
 # 2 x 224 x 224 x 64 fp32 values (VGG's block 1, its widest map); 256 such views take under half of a
@@ -60,6 +58,44 @@ def dense_model(model):
     raise ValueError(f"cannot classify with head {model.head!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """One evaluation protocol: what the pipeline feeds it and how its posterior is formed.
+
+    views: the pipeline's eval view (a key of `vgg_flax.data.transforms.EVAL_VIEWS`).
+    net: fn(model) -> the module that classifies those views.
+    arrange: fn(images of one batch) -> float32[B, V, h, w, 3], the views whose softmax is averaged.
+    """
+
+    views: str
+    net: Callable
+    arrange: Callable
+
+
+def _flipped_pair(x):
+    import jax.numpy as jnp
+
+    return jnp.stack([x, x[:, :, ::-1]], axis=1)
+
+
+# The evaluation protocols (see the module docstring); names joined by "+" average their posteriors
+# ("dense+multicrop", the paper's Table 6). A new protocol is a row here.
+PROTOCOLS: dict[str, Protocol] = {
+    "center": Protocol("center", lambda model: model, lambda x: x[:, None]),
+    "dense": Protocol("full", dense_model, _flipped_pair),
+    "multicrop": Protocol("multicrop", lambda model: model, lambda x: x),
+}
+
+
+def protocol_parts(name: str) -> list[str]:
+    """The PROTOCOLS rows of a protocol name ("dense+multicrop": ["dense", "multicrop"])."""
+    parts = name.split("+")
+    unknown = [p for p in parts if p not in PROTOCOLS]
+    if unknown:
+        raise KeyError(f"unknown protocol {name!r}; valid: {sorted(PROTOCOLS)}, or several joined by '+'")
+    return parts
+
+
 def posterior_fn(model, protocol: str, *, max_pixels: int | None = None, shards: int = 1):
     """A jitted fn(variables, images) -> float32[B, classes] softmax posteriors of one view batch.
 
@@ -73,18 +109,15 @@ def posterior_fn(model, protocol: str, *, max_pixels: int | None = None, shards:
     import jax
     import jax.numpy as jnp
 
-    def probs(net, variables, x):
+    if protocol not in PROTOCOLS:
+        raise KeyError(f"unknown protocol {protocol!r}; valid: {sorted(PROTOCOLS)}")
+    row = PROTOCOLS[protocol]
+    net = row.net(model)
+
+    def probs(variables, x):
         return jax.nn.softmax(net.apply(variables, x, train=False).astype(jnp.float32), axis=-1)
 
-    if protocol == "center":
-        net, views = model, lambda x: x[:, None]
-    elif protocol == "dense":
-        net, views = dense_model(model), lambda x: jnp.stack([x, x[:, :, ::-1]], axis=1)
-    elif protocol == "multicrop":
-        net, views = model, lambda x: x
-    else:
-        raise KeyError(f"unknown protocol {protocol!r}; valid: {PROTOCOLS[:3]}")
-    return jax.jit(lambda v, x: _mean_over_views(functools.partial(probs, net, v), views(x),
+    return jax.jit(lambda v, x: _mean_over_views(functools.partial(probs, v), row.arrange(x),
                                                  max_pixels=max_pixels, shards=shards))
 
 
@@ -151,7 +184,7 @@ def posteriors(model, variables, name: str, split: str, *, protocol: str, scale:
     if max_views is not None and max_views < 1:
         raise ValueError(f"max_views must be at least 1 (or None for no limit), not {max_views}")
     whole = protocol == "dense" and dense_images == "whole"
-    view, batch_size = ("whole", 1) if whole else (_VIEWS[protocol], batch_size)
+    view, batch_size = ("whole", 1) if whole else (PROTOCOLS[protocol].views, batch_size)
     mesh = None if whole else _data_mesh(batch_size)
     max_pixels = None if max_views is None else max_views * image_size**2
     fn = posterior_fn(model, protocol, max_pixels=max_pixels, shards=1 if mesh is None else mesh.size)
@@ -205,9 +238,9 @@ def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,
 
     Args:
       model, variables: a VGG module and its {"params"[, "batch_stats"]}.
-      name, split, data_dir: as `vgg_flax.input_pipeline.create_dataset`.
+      name, split, data_dir: as `vgg_flax.data.pipeline.create_dataset`.
       image_size: the crop size S (center and multi-crop views).
-      protocols: names from PROTOCOLS.
+      protocols: names of PROTOCOLS, or several joined by "+" (their posteriors averaged).
       scales: test scales Q; posteriors are averaged over them. Default: the pipeline's single
         default Q (round(S * 256 / 224), or S for fixed-size datasets such as the digits).
       batch_size: images per batch of the input pipeline (multi-crop: times 2 * grid**2 crops).
@@ -219,16 +252,14 @@ def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,
     """
     from vgg_flax.data import pipeline as input_pipeline
 
-    unknown = [p for p in protocols if p not in PROTOCOLS]
-    if unknown:
-        raise KeyError(f"unknown protocols {unknown}; valid: {PROTOCOLS}")
+    parts = {p: protocol_parts(p) for p in protocols}
     if not scales:
         info = input_pipeline.dataset_info(name, data_dir=data_dir)
         from vgg_flax.preprocessing import get_preset
 
         scales = [input_pipeline.default_eval_resize(image_size, info.image_shape is not None,
                                                      get_preset(normalization))]
-    needed = sorted({part for p in protocols for part in p.split("+")})
+    needed = sorted({part for p in parts.values() for part in p})
     kw = dict(image_size=image_size, batch_size=batch_size, data_dir=data_dir, normalization=normalization,
               multicrop_grid=multicrop_grid, dense_images=dense_images, max_views=max_views,
               process_index=process_index, process_count=process_count)
@@ -240,7 +271,7 @@ def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,
         labels = per_scale[0][1]
     results = {}
     for protocol in protocols:
-        probs = np.mean([averaged[part] for part in protocol.split("+")], axis=0)
+        probs = np.mean([averaged[part] for part in parts[protocol]], axis=0)
         results[protocol] = {**metrics(probs, labels), "scales": [int(q) for q in scales]}
     return results
 

@@ -18,6 +18,8 @@ try:  # torch must be imported before TensorFlow initialises, or importing it la
 except ImportError:
     torchvision = None
 
+from vgg_flax.data import transforms  # noqa: E402  (imports TensorFlow, after torch)
+
 DIGITS = "sklearn_digits"
 
 
@@ -57,7 +59,7 @@ def test_digits_builder_is_the_sklearn_data_split_exactly(digits_dir):
         assert got == expected
 
 
-@pytest.mark.parametrize("augment", ip.AUGMENTATIONS)
+@pytest.mark.parametrize("augment", transforms.AUGMENTATIONS)
 @pytest.mark.parametrize("normalization", ["torchvision", "caffe"])
 def test_augmentations_keep_shape_dtype_and_range(digits_dir, augment, normalization):
     batch = next(_digits(digits_dir, "train", augment=augment, normalization=normalization,

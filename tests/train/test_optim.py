@@ -164,3 +164,13 @@ def test_set_lr_scale_needs_an_injected_scale():
     with pytest.raises(KeyError, match="no injected 'lr_scale'"):
         optim.set_lr_scale(optax.sgd(0.1).init(PARAMS), 0.1)
     assert optim.learning_rate(optax.sgd(0.1).init(PARAMS)) is None
+
+
+def test_a_new_optimizer_is_one_row_of_the_table(monkeypatch):
+    """A toy row (optax's lion) trains like optax.lion; an unknown name lists the rows."""
+    monkeypatch.setitem(optim.OPTIMIZERS, "lion", lambda decay, b1, b2, **_: [optax.scale_by_lion(b1, b2)])
+    ours = optim.make_optimizer(learning_rate=SCHEDULE, name="lion", b1=0.9, b2=0.99)
+    ref = optax.lion(SCHEDULE, b1=0.9, b2=0.99, weight_decay=0.0)
+    _assert_same(_trajectory(ours, _data_loss), _trajectory(ref, _data_loss))
+    with pytest.raises(KeyError, match="'lamb'.*valid: \\['adamw', 'lion', 'sgd'\\]"):
+        optim.direction(name="lamb")

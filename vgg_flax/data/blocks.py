@@ -7,7 +7,7 @@ position p reads nothing before the block that holds p and skips at most K recor
 one shuffle buffer over the whole stream would have to replay everything since the epoch began.
 
 TFDS writes records in a hashed (class-mixed) order, so a block is a fair sample of the split and the
-block order adds mixing across epochs. Imported by `vgg_flax.input_pipeline` (it imports TensorFlow).
+block order adds mixing across epochs. Imported by `vgg_flax.data.pipeline` (it imports TensorFlow).
 """
 
 from __future__ import annotations

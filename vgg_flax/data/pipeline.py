@@ -7,8 +7,8 @@ batches of numpy arrays.
     ds = from_encoded(jpeg_bytes, labels, batch_size=32, train=True, image_size=224)  # same streams
 
 Names: any prepared TFDS image-classification dataset ("imagenet2012", "cifar10", ...; its "image" and
-"label" features), an embedded dataset (`vgg_flax.datasets.EMBEDDED`, built locally on first use, no
-download) or "folder:/path/to/root" (`vgg_flax.datasets.folder`).
+"label" features), an embedded dataset (`vgg_flax.data.embedded.EMBEDDED`, built locally on first use,
+no download) or "folder:/path/to/root" (`vgg_flax.data.folder`): the rows of `vgg_flax.data.sources.SOURCES`.
 
 Training streams are infinite, shuffled and augmented, and their order is a pure function of
 (seed, process, step): epoch e is the split shuffled with a seed derived from (seed, process, e), and
@@ -17,7 +17,7 @@ run restarted with `start_step=s` sees exactly the batches s, s+1, ... of the or
 shuffle is uniform over the split when one buffer holds it (the default for cached, decoded splits
 and splits up to `shuffle_buffer` = 16,384 records); larger TFRecord splits (ImageNet) are read in
 blocks of 16,384 records (~1.8 GB of JPEG bytes), the blocks in an order drawn per epoch and each
-shuffled whole (`vgg_flax.datasets.blocks`), so a resume reads at most one block before its first
+shuffled whole (`vgg_flax.data.blocks`), so a resume reads at most one block before its first
 batch. Image folders shuffle their file paths, uniformly. Evaluation streams are one pass in a fixed
 order; the last batch is padded with `mask` False, and every process yields the same number of batches
 (multi-host SPMD needs that) while each real example appears exactly once.
@@ -38,10 +38,8 @@ from vgg_flax import preprocessing
 from vgg_flax.data import sources
 from vgg_flax.data.sources import FOLDER_PREFIX, DatasetInfo, Source, dataset_info, even_shares
 
-__all__ = ["AUGMENTATIONS", "EVAL_VIEWS", "FOLDER_PREFIX", "OPTIONS", "DatasetInfo", "create_dataset",
-           "dataset_info", "default_eval_resize", "even_shares", "from_encoded"]
-AUGMENTATIONS = ("paper", "inception", "shift", "flip", "none")
-EVAL_VIEWS = ("center", "full", "multicrop", "whole")
+__all__ = ["FOLDER_PREFIX", "OPTIONS", "DatasetInfo", "create_dataset", "dataset_info", "default_eval_resize",
+           "even_shares", "from_encoded"]
 AUTO_CACHE_BYTES = 256 * 2**20  # cache=None caches fixed-size datasets up to this size (digits, cifar10)
 # Defaults of `create_dataset(**options)`; anything else is a TypeError.
 OPTIONS: dict[str, Any] = {
@@ -74,7 +72,7 @@ def create_dataset(name: str, split: str, *, batch_size: int, train: bool, image
         with the last batch padded (mask False on padding).
       image_size: output size S of the (square) crops.
       seed, start_step: the training order is a function of (seed, process, step); see module doc.
-      augment: training augmentation, one of AUGMENTATIONS (see `train_transform`).
+      augment: training augmentation, a key of `transforms.AUGMENTATIONS`.
       normalization: a `vgg_flax.preprocessing.PRESETS` name.
       process_index, process_count: this process's even share of the split (default: JAX's).
       **options: keys of OPTIONS.
@@ -129,11 +127,14 @@ def _check_options(options: dict, augment: str) -> dict:
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise TypeError(f"unknown create_dataset options {sorted(unknown)}; valid: {sorted(OPTIONS)}")
-    if augment not in AUGMENTATIONS:
-        raise KeyError(f"unknown augment {augment!r}; valid: {AUGMENTATIONS}")
+    sources.hide_accelerators_from_tensorflow()
+    from vgg_flax.data import transforms  # (imports TensorFlow)
+
+    if augment not in transforms.AUGMENTATIONS:
+        raise KeyError(f"unknown augment {augment!r}; valid: {sorted(transforms.AUGMENTATIONS)}")
     opts = {**OPTIONS, **options}
-    if opts["eval_views"] not in EVAL_VIEWS:
-        raise KeyError(f"unknown eval_views {opts['eval_views']!r}; valid: {EVAL_VIEWS}")
+    if opts["eval_views"] not in transforms.EVAL_VIEWS:
+        raise KeyError(f"unknown eval_views {opts['eval_views']!r}; valid: {sorted(transforms.EVAL_VIEWS)}")
     return opts
 
 

@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 
 from vgg_flax.data import folder
-from vgg_flax.data.embedded import EMBEDDED
+from vgg_flax.data.embedded import EMBEDDED, builder_class
 
-FOLDER_PREFIX = "folder:"
 logger = logging.getLogger(__name__)
 
 
@@ -47,15 +46,21 @@ class DatasetInfo:
 
 
 def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
-    """The `DatasetInfo` of a TFDS name, an embedded dataset or "folder:/root"."""
-    if name.startswith(FOLDER_PREFIX):
-        root = name[len(FOLDER_PREFIX):]
-        # Class names from the first usual split folder (they are the same in every split), or root.
-        index, _ = folder.folder_split(root, (folder.split_folders(root) or ["all"])[0])
-        return DatasetInfo(name=name, num_classes=len(index.class_names), class_names=index.class_names,
-                           image_shape=None, _sizes=lambda split: _folder_size(root, split),
-                           _skipped=lambda split: folder.folder_split(root, split)[0].skipped)
-    builder = tfds_builder(name, data_dir, download=False)
+    """The `DatasetInfo` of a dataset name (see `SOURCES`)."""
+    kind, rest = source_kind(name)
+    return SOURCES[kind].info(name, rest, data_dir)
+
+
+def _folder_info(name: str, root: str, data_dir: str | None) -> DatasetInfo:
+    # Class names from the first usual split folder (they are the same in every split), or root.
+    index, _ = folder.folder_split(root, (folder.split_folders(root) or ["all"])[0])
+    return DatasetInfo(name=name, num_classes=len(index.class_names), class_names=index.class_names,
+                       image_shape=None, _sizes=lambda split: _folder_size(root, split),
+                       _skipped=lambda split: folder.folder_split(root, split)[0].skipped)
+
+
+def _tfds_info(name: str, rest: str, data_dir: str | None) -> DatasetInfo:
+    builder = tfds_builder(rest, data_dir, download=False)
     label, image = builder.info.features["label"], builder.info.features["image"]
     shape = tuple(image.shape)
     return DatasetInfo(name=name, num_classes=label.num_classes, class_names=tuple(label.names),
@@ -69,22 +74,13 @@ def _folder_size(root: str, split: str) -> int:
 
 
 def tfds_builder(name: str, data_dir: str | None, *, download: bool):
-    """A prepared TFDS builder; embedded datasets are built locally (offline) on first use."""
+    """A prepared TFDS builder; embedded datasets (`embedded.EMBEDDED`) are built locally (offline)
+    on first use."""
     hide_accelerators_from_tensorflow()
     import tensorflow_datasets as tfds
 
     if name in EMBEDDED:
-        from vgg_flax.data.embedded import get_builder_class
-
-        cls = get_builder_class(name)
-        builder = cls(data_dir=data_dir)
-        try:
-            builder.download_and_prepare()  # No download: a no-op once built.
-        except Exception:  # Another process (a test, another host) may have built it meanwhile.
-            builder = cls(data_dir=data_dir)
-            if not builder.is_prepared():
-                raise
-        return builder
+        return _embedded_builder(name, data_dir)
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
         if not download:
@@ -92,6 +88,18 @@ def tfds_builder(name: str, data_dir: str | None, *, download: bool):
                 f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}; prepare it with `tfds build "
                 f"{name} --data_dir=...` (ImageNet needs its manual download), or pass download=True")
         builder.download_and_prepare()
+    return builder
+
+
+def _embedded_builder(name: str, data_dir: str | None):
+    cls = builder_class(name)
+    builder = cls(data_dir=data_dir)
+    try:
+        builder.download_and_prepare()  # No download: a no-op once built.
+    except Exception:  # Another process (a test, another host) may have built it meanwhile.
+        builder = cls(data_dir=data_dir)
+        if not builder.is_prepared():
+            raise
     return builder
 
 
@@ -122,7 +130,7 @@ class Source:
     index: int
     image_shape: tuple[int, int, int] | None  # every image's (H, W, 3), or None when sizes vary
     # TFRecord splits: ([(file, skip, take)], parse: serialized record -> {"raw", "label"}), which
-    # lets training shuffle in blocks (vgg_flax.datasets.blocks) and resume without replaying.
+    # lets training shuffle in blocks (vgg_flax.data.blocks) and resume without replaying.
     records: tuple[list[tuple[str, int, int]], Callable] | None = None
     paths: bool = False  # raw examples are file paths: cheap to hold in a shuffle buffer
 
@@ -132,29 +140,11 @@ class Source:
 
     @classmethod
     def create(cls, name, split, data_dir, process_index, process_count, download):
+        """This process's share of a split of a dataset name (see `SOURCES`)."""
         _check_process(process_index, process_count)
         hide_accelerators_from_tensorflow()
-        import tensorflow as tf
-
-        if name.startswith(FOLDER_PREFIX):
-            index, part = folder.folder_split(name[len(FOLDER_PREFIX):], split)
-            shares, sel = _share(part, process_index, process_count)
-            raw = tf.data.Dataset.from_tensor_slices(
-                {"raw": np.array(index.files[sel], dtype=str), "label": index.labels[sel]})
-            return cls(raw, _decode_file, shares, process_index, image_shape=None, paths=True)
-        import tensorflow_datasets as tfds
-
-        builder = tfds_builder(name, data_dir, download=download)
-        parts = tfds.even_splits(split, n=process_count)
-        shares = [builder.info.splits[p].num_examples for p in parts]
-        raw = builder.as_dataset(split=parts[process_index], shuffle_files=False,
-                                 decoders={"image": tfds.decode.SkipDecoding()},
-                                 read_config=tfds.ReadConfig(try_autocache=False))  # cache= decides
-        raw = raw.map(lambda ex: {"raw": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
-        shape = tuple(builder.info.features["image"].shape)
-        return cls(raw, decode_bytes, shares, process_index, image_shape=None if None in shape else shape,
-                   records=_tfrecord_reading(builder, parts[process_index]))
-
+        kind, rest = source_kind(name)
+        return SOURCES[kind].create(rest, split, data_dir, process_index, process_count, download)
 
     @classmethod
     def from_encoded(cls, images: Sequence[bytes], labels, process_index: int, process_count: int):
@@ -171,6 +161,62 @@ class Source:
         raw = tf.data.Dataset.from_tensor_slices(
             {"raw": np.array(list(images[sel]), dtype=object), "label": labels[sel].astype(np.int32)})
         return cls(raw, decode_bytes, shares, process_index, image_shape=None)
+
+
+def _folder_source(root, split, data_dir, process_index, process_count, download) -> Source:
+    import tensorflow as tf
+
+    index, part = folder.folder_split(root, split)
+    shares, sel = _share(part, process_index, process_count)
+    raw = tf.data.Dataset.from_tensor_slices(
+        {"raw": np.array(index.files[sel], dtype=str), "label": index.labels[sel]})
+    return Source(raw, _decode_file, shares, process_index, image_shape=None, paths=True)
+
+
+def _tfds_source(name, split, data_dir, process_index, process_count, download) -> Source:
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    builder = tfds_builder(name, data_dir, download=download)
+    parts = tfds.even_splits(split, n=process_count)
+    shares = [builder.info.splits[p].num_examples for p in parts]
+    raw = builder.as_dataset(split=parts[process_index], shuffle_files=False,
+                             decoders={"image": tfds.decode.SkipDecoding()},
+                             read_config=tfds.ReadConfig(try_autocache=False))  # cache= decides
+    raw = raw.map(lambda ex: {"raw": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
+    shape = tuple(builder.info.features["image"].shape)
+    return Source(raw, decode_bytes, shares, process_index, image_shape=None if None in shape else shape,
+                  records=_tfrecord_reading(builder, parts[process_index]))
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+    """Where one kind of dataset name reads from.
+
+    info: fn(name, rest, data_dir) -> DatasetInfo; create: fn(rest, split, data_dir, process_index,
+    process_count, download) -> Source, `rest` being the name without its "kind:" prefix.
+    """
+
+    info: Callable[[str, str, str | None], DatasetInfo]
+    create: Callable[..., Source]
+
+
+# The dataset sources: "kind:rest" selects a kind ("folder:/data/pets"); a bare name is an embedded
+# dataset (`embedded.EMBEDDED`, a TFDS builder built locally) or else a TFDS name ("imagenet2012",
+# "cifar10:3.0.2"). A new source is a row here.
+SOURCES: dict[str, SourceKind] = {
+    "folder": SourceKind(_folder_info, _folder_source),  # an image folder (`vgg_flax.data.folder`)
+    "tfds": SourceKind(_tfds_info, _tfds_source),        # TFDS, embedded datasets included
+}
+FOLDER_PREFIX = "folder:"
+
+
+def source_kind(name: str) -> tuple[str, str]:
+    """(SOURCES key, the name without its prefix) of a dataset name."""
+    kind, sep, rest = name.partition(":")
+    if sep and kind in SOURCES:
+        return kind, rest
+    return "tfds", name
 
 
 def _check_process(process_index: int, process_count: int) -> None:

@@ -1,4 +1,4 @@
-"""Image transforms as TensorFlow ops, for tf.data (imported lazily by `vgg_flax.input_pipeline`).
+"""Image transforms as TensorFlow ops, for tf.data (imported lazily by `vgg_flax.data.pipeline`).
 
 Images enter as uint8[H, W, 3] RGB of any size, or as a `vgg_flax.data.regions.Region` (encoded
 JPEG bytes decoded one window at a time, with the same result), and leave as float32 pixels in
@@ -146,24 +146,48 @@ def shift_crop(image, seed, *, size: int, shift: int, flip: bool = False):
     return x
 
 
-def train_transform(augment: str, *, image_size: int, options: dict) -> Transform:
-    """fn(uint8[H, W, 3], seed int64[2]) -> float32[S, S, 3] in [0, 255] for an augmentation name.
+def _paper(size: int, options: dict) -> Transform:
+    q = int(round(size * 256 / 224))  # the paper's S = 256 at 224
+    return lambda im, seed: paper_crop(im, seed, size=size, scale_range=options["scale_range"] or (q, q),
+                                       color_pca=options["color_pca"])
 
-    "paper": `paper_crop`, S fixed or jittered by options["scale_range"] (default round(S * 256 / 224)
-      for both ends, i.e. the paper's S = 256 at 224); "inception": `inception_crop`; "shift": up to
-      options["shift"] pixels of translation (default S // 8), no flip (digits are not mirror-symmetric);
-      "flip": center crop and flip; "none": resize + center crop only.
-    """
-    size = image_size
-    if augment == "paper":
-        q = int(round(size * 256 / 224))
-        return lambda im, seed: paper_crop(im, seed, size=size, scale_range=options["scale_range"] or (q, q),
-                                           color_pca=options["color_pca"])
-    if augment == "inception":
-        return lambda im, seed: inception_crop(im, seed, size=size, area_range=options["area_range"],
-                                               aspect_range=options["aspect_range"])
-    shift = {"shift": size // 8 if options["shift"] is None else options["shift"]}.get(augment, 0)
-    return lambda im, seed: shift_crop(im, seed, size=size, shift=shift, flip=augment == "flip")
+
+def _inception(size: int, options: dict) -> Transform:
+    return lambda im, seed: inception_crop(im, seed, size=size, area_range=options["area_range"],
+                                           aspect_range=options["aspect_range"])
+
+
+def _shift(size: int, options: dict) -> Transform:
+    # No flip: digits are not mirror-symmetric.
+    shift = size // 8 if options["shift"] is None else options["shift"]
+    return lambda im, seed: shift_crop(im, seed, size=size, shift=shift)
+
+
+def _flip(size: int, options: dict) -> Transform:
+    return lambda im, seed: shift_crop(im, seed, size=size, shift=0, flip=True)
+
+
+def _none(size: int, options: dict) -> Transform:
+    return lambda im, seed: shift_crop(im, seed, size=size, shift=0)
+
+
+# The training augmentations: name -> fn(image_size, options) -> fn(image, seed). A new augmentation
+# is a function here and a row of this table (options it reads are keys of pipeline.OPTIONS).
+AUGMENTATIONS: dict[str, Callable[[int, dict], Transform]] = {
+    "paper": _paper,          # `paper_crop`: S fixed or jittered by options["scale_range"]
+    "inception": _inception,  # `inception_crop`: options["area_range"], options["aspect_range"]
+    "shift": _shift,          # up to options["shift"] pixels of translation (default S // 8)
+    "flip": _flip,            # center crop and flip
+    "none": _none,            # resize + center crop only
+}
+
+
+def train_transform(augment: str, *, image_size: int, options: dict) -> Transform:
+    """fn(uint8[H, W, 3], seed int64[2]) -> float32[S, S, 3] in [0, 255]: the AUGMENTATIONS row
+    `augment`; a KeyError lists the valid names."""
+    if augment not in AUGMENTATIONS:
+        raise KeyError(f"unknown augment {augment!r}; valid: {sorted(AUGMENTATIONS)}")
+    return AUGMENTATIONS[augment](image_size, options)
 
 
 def multi_crops(image: tf.Tensor, *, size: int, grid: int) -> tf.Tensor:
@@ -186,26 +210,41 @@ def _grid_offset(span, i: int, grid: int):
     return tf.cast(tf.round(tf.cast(span * i, tf.float32) / (grid - 1)), tf.int32)
 
 
-def eval_transform(views: str, *, image_size: int, resize: int, grid: int = 5) -> Transform:
-    """fn(uint8[H, W, 3]) -> float32 pixels: short side `resize` (Q, rounded as PIL), then
+def _center(image_size: int, resize: int, grid: int) -> Transform:
+    return lambda im: resize_center_crop(im, resize, image_size, round_pixels=True)
 
-    "center": the center image_size crop, float32[S, S, 3] (torchvision's eval preset);
-    "full": the center Q x Q square, float32[Q, Q, 3] (dense evaluation; see evaluation.py);
-    "multicrop": `multi_crops`, float32[2 * grid**2, S, S, 3];
-    "whole": the whole resized image, float32[h, w, 3] (the paper's dense evaluation input).
-    """
+
+def _full(image_size: int, resize: int, grid: int) -> Transform:
+    return lambda im: resize_center_crop(im, resize, resize, round_pixels=True)
+
+
+def _multicrop(image_size: int, resize: int, grid: int) -> Transform:
+    return lambda im: multi_crops(resize_short_side(im, resize, round_pixels=True), size=image_size,
+                                  grid=grid)
+
+
+def _whole(image_size: int, resize: int, grid: int) -> Transform:
+    return lambda im: resize_short_side(im, resize, round_pixels=True)
+
+
+# The evaluation views: name -> fn(image_size, resize, grid) -> fn(image). The evaluation protocols
+# (`vgg_flax.evaluation.PROTOCOLS`) name the view each one reads.
+EVAL_VIEWS: dict[str, Callable[[int, int, int], Transform]] = {
+    "center": _center,        # the center S crop, float32[S, S, 3] (torchvision's eval preset)
+    "full": _full,            # the center Q x Q square, float32[Q, Q, 3] (dense evaluation)
+    "multicrop": _multicrop,  # `multi_crops`, float32[2 * grid**2, S, S, 3]
+    "whole": _whole,          # the whole resized image, float32[h, w, 3] (the paper's dense input)
+}
+
+
+def eval_transform(views: str, *, image_size: int, resize: int, grid: int = 5) -> Transform:
+    """fn(uint8[H, W, 3]) -> float32 pixels: short side `resize` (Q, rounded as PIL), then the
+    EVAL_VIEWS row `views`; a KeyError lists the valid names."""
+    if views not in EVAL_VIEWS:
+        raise KeyError(f"unknown eval views {views!r}; valid: {sorted(EVAL_VIEWS)}")
     if resize < image_size:
         raise ValueError(f"eval resize {resize} is smaller than the crop {image_size}")
-    if views == "center":
-        return lambda im: resize_center_crop(im, resize, image_size, round_pixels=True)
-    if views == "full":
-        return lambda im: resize_center_crop(im, resize, resize, round_pixels=True)
-    if views == "multicrop":
-        return lambda im: multi_crops(resize_short_side(im, resize, round_pixels=True), size=image_size,
-                                      grid=grid)
-    if views == "whole":
-        return lambda im: resize_short_side(im, resize, round_pixels=True)
-    raise KeyError(f"unknown eval views {views!r}; valid: 'center', 'full', 'multicrop', 'whole'")
+    return EVAL_VIEWS[views](image_size, resize, grid)
 
 
 def normalize(pixels: tf.Tensor, norm: preprocessing.Normalization) -> tf.Tensor:

@@ -27,7 +27,6 @@ import optax
 
 from vgg_flax.models import is_feature_layer
 
-OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "plateau", "step", "cosine")
 LR_SCALE = "lr_scale"  # the injected hyperparameter the plateau rule sets
 
@@ -43,25 +42,39 @@ def feature_mask(params):
             for name, sub in params.items()}
 
 
+def _sgd(decay: list, *, momentum: float, nesterov: bool, **_) -> list:
+    """Momentum SGD, PyTorch's convention v = m v + g (the paper's optimizer); L2 decay is added to
+    the gradient before the momentum, as the paper's penalty."""
+    return decay + ([optax.trace(decay=momentum, nesterov=nesterov)] if momentum else [])
+
+
+def _adamw(decay: list, *, b1: float, b2: float, eps: float, **_) -> list:
+    """Adam's normalised step, then decoupled decay (Loshchilov & Hutter, arXiv 1711.05101)."""
+    return [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)] + decay
+
+
+# The optimizers: name -> fn(weight-decay transforms, **hyperparameters) -> list of optax transforms
+# before the learning rate. A new optimizer is a function and a row here (its hyperparameters are
+# keyword arguments of `direction` and keys of the config's `optim` section).
+OPTIMIZERS: dict[str, Callable[..., list]] = {"sgd": _sgd, "adamw": _adamw}
+
+
 def direction(*, name: str = "sgd", momentum: float = 0.9, nesterov: bool = False,
               weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
               grad_clip_norm: float = 0.0) -> optax.GradientTransformation:
     """The update direction before the learning rate (see the module docstring).
 
     Args:
-      name: "sgd" (momentum, PyTorch's convention v = m v + g, the paper's optimizer) or "adamw".
+      name: a key of OPTIMIZERS ("sgd" or "adamw").
       weight_decay: L2 multiplier on kernels (SGD: added to the gradient before the momentum;
         AdamW: decoupled, added after Adam's normalisation, as Loshchilov & Hutter).
       grad_clip_norm: clip the global gradient norm first; 0 for none.
     """
+    if name not in OPTIMIZERS:
+        raise KeyError(f"unknown optimizer {name!r}; valid: {sorted(OPTIMIZERS)}")
     chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm > 0 else []
     decay = [optax.add_decayed_weights(weight_decay, mask=kernel_mask)] if weight_decay else []
-    if name == "sgd":
-        chain += decay + ([optax.trace(decay=momentum, nesterov=nesterov)] if momentum else [])
-    elif name == "adamw":
-        chain += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)] + decay
-    else:
-        raise KeyError(f"unknown optimizer {name!r}; valid: {OPTIMIZERS}")
+    chain += OPTIMIZERS[name](decay, momentum=momentum, nesterov=nesterov, b1=b1, b2=b2, eps=eps)
     return optax.chain(*chain) if chain else optax.identity()
 
 
