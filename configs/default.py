@@ -8,10 +8,11 @@ every key the training program reads (the ConfigDict is locked: a misspelled key
 
 A few run-wide keys sit at the top level (seed, num_train_steps, global_batch_size and the starting
 weights: warm_start_from, pretrained, reset_head); everything else is in a section, and each section
-is the keyword arguments of the one function that uses it (and checks it):
+is the keyword arguments of the one function that uses it (and checks it), and an unset value is
+None (`placeholder(type)`, which --config.KEY=VALUE still sets with its type):
 
     data         vgg_flax.train.loop.make_data (dataset, splits, crops, augmentation, preset)
-    model        fields of vgg_flax.VGG (vgg_flax.train.checkpoints.model_from_config)
+    model        fields of vgg_flax.VGG (vgg_flax.VGG.from_config)
     step         vgg_flax.train.steps.train_step (gradient accumulation, rematerialisation)
     optim        vgg_flax.train.optim.make_optimizer (sgd | adamw, decay, clipping, frozen features)
     schedule     vgg_flax.train.optim.make_schedule (the learning rate and the plateau rule)
@@ -24,20 +25,21 @@ Override any key on the command line: --config.num_train_steps=100, --config.dat
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def data_config() -> ml_collections.ConfigDict:
     """The `data` section (vgg_flax.data.pipeline.create_dataset's options)."""
     d = ml_collections.ConfigDict()
     d.dataset = "sklearn_digits"  # embedded, built locally: no download
-    d.data_dir = ""               # "" = TFDS's default
+    d.data_dir = placeholder(str)  # None = TFDS's default
     d.train_split = "train"
     d.eval_split = "test"
     d.image_size = 32
     d.augment = "shift"           # paper | inception | shift | flip | none
     d.normalization = "symmetric"  # a vgg_flax.preprocessing preset
-    d.scale_range = (0, 0)        # augment="paper": short side S jittered in [min, max]; (0, 0) = fixed
-    d.num_classes = 0             # 0 = the dataset's
+    d.scale_range = placeholder(tuple)  # augment="paper": short side S jittered in [min, max]; None = fixed
+    d.num_classes = placeholder(int)  # None = the dataset's
     return d
 
 
@@ -99,8 +101,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_train_steps = 500
     c.global_batch_size = 32      # split over all devices of all processes
     # Starting weights (at most one of the two paths).
-    c.warm_start_from = ""        # a net A workdir: the paper's warm start of deeper nets
-    c.pretrained = ""             # weights to fine-tune: a name (vgg16), URL or file (from_pretrained)
+    c.warm_start_from = placeholder(str)  # a net A workdir: the paper's warm start of deeper nets
+    c.pretrained = placeholder(str)  # weights to fine-tune: a name (vgg16), URL or file (from_pretrained)
     c.reset_head = False          # new classifier for a new class count
 
     c.data = data_config()

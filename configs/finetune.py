@@ -22,7 +22,7 @@ def get_config():
     c.data.image_size = 224
     c.data.augment = "inception"
     c.data.normalization = "torchvision"
-    c.pretrained = ""             # required: a name (vgg16, see `vgg-flax weights list`), URL or file
+    c.pretrained = None           # required: a name (vgg16, see `vgg-flax weights list`), URL or file
     c.reset_head = True
     c.optim.freeze_features = True
     c.model.config = "D"          # must match the weights (vgg16); "E" for vgg19 ...

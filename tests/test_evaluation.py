@@ -146,7 +146,9 @@ def test_topk_counts_against_hand_examples():
     assert evaluation.topk_correct(probs, labels, 1) == 1
     assert evaluation.topk_correct(probs, labels, 2) == 2
     assert evaluation.topk_correct(probs, labels, 5) == 3
-    assert evaluation.metrics(probs, labels) == {"top1": 1 / 3, "top5": 1.0, "count": 3}
+    loss = -np.log([0.7, 0.2, 0.2]).mean()  # the posterior of each label
+    assert evaluation.metrics(probs, labels) == {"top1": 1 / 3, "top5": 1.0, "loss": pytest.approx(loss),
+                                                 "count": 3}
 
 
 def test_digits_test_split_is_counted_exactly(tmp_path):
@@ -357,3 +359,17 @@ def test_max_views_must_be_positive(tiny, image_folder):
     with pytest.raises(ValueError, match="max_views must be at least 1"):
         evaluation.posteriors(model, variables, f"folder:{image_folder}", "val", protocol="center",
                               scale=Q, image_size=S, batch_size=3, normalization="symmetric", max_views=0)
+
+
+def test_the_views_per_call_come_from_the_memory_budget(tiny, monkeypatch):
+    """Two activations of the widest conv per view, in the model's dtype: VGG11's conv1_1 at 224 px
+    (64 channels) in fp32 is 25.7 MB, so an 8 GiB device's eighth holds 41 views; bf16 holds 83."""
+    vgg11 = vgg_flax.vgg11()
+    assert evaluation.activation_bytes(vgg11, 224 * 224) == 2 * 224 * 224 * 64 * 4
+    assert evaluation.views_per_call(vgg11, 224, memory=8 * 2**30) == 41
+    assert evaluation.views_per_call(vgg11.clone(dtype=jnp.bfloat16), 224, memory=8 * 2**30) == 83
+    model, _ = tiny  # (8, M, 16, M, 16, M): conv1_1's 8 channels at full size are the widest
+    assert evaluation.activation_bytes(model, S * S) == 2 * S * S * 8 * 4
+    monkeypatch.setattr(evaluation, "device_memory", lambda: 8 * 2 * S * S * 8 * 4 * 7)
+    assert evaluation.Evaluator(model, image_size=S).max_views == 7
+    assert evaluation.Evaluator(model, image_size=S, max_views=None).max_views is None

@@ -15,7 +15,7 @@ import pytest
 from jax import export
 
 import vgg_flax
-from vgg_flax import parallel
+from vgg_flax import evaluation, parallel
 from vgg_flax.export import for_platform
 from vgg_flax.ops import conv
 from vgg_flax.train import optim, steps
@@ -56,9 +56,10 @@ def lower(model, platforms, *, kind="train", grad_accum_steps=1, mesh=None):
     if kind == "train":
         step = steps.make_train_step(mesh, sharding, model=model, tx=tx,
                                      grad_accum_steps=grad_accum_steps)
-    else:
-        step = steps.make_eval_step(mesh, sharding, model=model)
-    exported = export.export(step, platforms=platforms)(state, batch)
+        exported = export.export(step, platforms=platforms)(state, batch)
+    else:  # the evaluator's program (training evaluates with its "center" protocol)
+        step = evaluation.posterior_fn(model, "center", shards=mesh.size)
+        exported = export.export(step, platforms=platforms)(steps.variables(state), batch["image"])
     assert exported.platforms == tuple(platforms)
     return exported.mlir_module()
 
@@ -153,7 +154,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 import jax
 import test_export as t
-from vgg_flax import parallel
+from vgg_flax import evaluation, parallel
 assert jax.device_count() == 8
 mesh = parallel.create_mesh()
 for platform, accum in [("cuda", 1), ("tpu", 2)]:

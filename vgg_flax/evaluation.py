@@ -15,8 +15,11 @@ posteriors of several scales are averaged):
                        protocols=("center", "dense", "multicrop"), scales=(256, 384, 512))
     print(format_table(results)); save_json(results, "eval.json")
 
-With several devices, each batch is split over a 1-D "data" mesh of all devices (batch_size must be
-a multiple of the local device count) and the variables are replicated; the same code runs multi-host.
+One evaluator (`Evaluator`) serves `vgg-flax eval` and training (which evaluates with "center"):
+each batch is split over a 1-D "data" mesh of all devices (batch_size must be a multiple of the local
+device count), the variables are replicated, and the same code runs multi-host; the input pipeline
+gives every process the same number of batches (the last padded, then all-masked ones), which is the
+only padding rule.
 
 Dense evaluation sees the whole resized image, as in the paper, with dense_images="whole"; images then
 go one at a time on one device, compiled once per distinct image shape (hundreds on ImageNet). The
@@ -32,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,14 +43,43 @@ import jax
 import numpy as np
 
 from vgg_flax import parallel
+from vgg_flax.models.configs import conv_width, is_conv_layer, is_pool_layer, layer_names
 from vgg_flax.topk import topk_hits
 
-# Views per device per network call (image_size x image_size each), the default bound on evaluation
-# memory. The rule: inference keeps about two activations of one conv alive per view, at most
-# 2 x 224 x 224 x 64 fp32 values (VGG's block 1, its widest map); 256 such views take under half of a
-# 16 GiB accelerator, leaving the rest to the batch's views, the weights and XLA's temporaries (the
-# arithmetic and the measured peaks: docs/PERFORMANCE.md).
-MAX_VIEWS_PER_CALL = 256
+# Evaluation memory is a budget, not a view count: one network call's activations may take this
+# fraction of a device's memory (on CPU, of the host's, shared by its devices); the rest holds the
+# batch's views, the weights and XLA's temporaries (the arithmetic and measured peaks:
+# docs/PERFORMANCE.md, "Evaluation memory").
+MEMORY_FRACTION = 1 / 8
+
+
+def device_memory() -> int:
+    """Bytes one local device may use: its allocator's limit (GPU, TPU), or on CPU the host's
+    physical memory divided by the local device count."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+
+
+def activation_bytes(model, pixels: int) -> int:
+    """Bytes inference keeps alive per view of `pixels` input pixels: the input and output of the
+    widest conv (its width / 4**pools before it, per input pixel), in the model's dtype."""
+    widest, pools = 3.0, 0
+    for name, entry in layer_names(model.config):
+        if is_pool_layer(name):
+            pools += 1
+        elif is_conv_layer(name):
+            widest = max(widest, conv_width(entry)[0] / 4**pools)
+    return int(2 * pixels * widest * np.dtype(model.dtype).itemsize)
+
+
+def views_per_call(model, image_size: int, memory: int | None = None) -> int:
+    """image_size x image_size views per device per network call within MEMORY_FRACTION of `memory`
+    bytes (default: `device_memory()`)."""
+    memory = device_memory() if memory is None else memory
+    return max(1, int(memory * MEMORY_FRACTION) // activation_bytes(model, image_size**2))
 
 
 def dense_model(model):
@@ -164,53 +197,89 @@ def _mean_over_views(f, x, *, max_pixels: int | None, shards: int):
     return out.reshape(b, v, classes).mean(1)
 
 
-def posteriors(model, variables, name: str, split: str, *, protocol: str, scale: int, image_size: int,
-               batch_size: int, data_dir: str | None = None, normalization: str = "torchvision",
-               multicrop_grid: int = 5, dense_images: str = "square",
-               max_views: int | None = MAX_VIEWS_PER_CALL, process_index: int | None = None,
-               process_count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """This process's (float32[n, classes] posteriors, int32[n] labels) of one protocol at scale Q.
+class Evaluator:
+    """Posteriors of one model under the protocols: batches sharded over a mesh, memory bounded.
 
-    Rows follow the split's fixed evaluation order; padding is removed, so n is this process's exact
-    share of the split. At most max_views image_size x image_size views per device go through the
-    network at once (a Q x Q dense view counts as (Q / image_size)**2 of them; None: no limit, e.g.
-    batch_size * 2 * grid**2 crops per call for "multicrop"); dense_images="whole" evaluates one
-    whole image per call on one device (see the module docstring).
+    Built once per model (training builds one in `setup`, `evaluate` one per call): the jitted
+    program of each protocol is built once and reused for every scale and every evaluation.
+
+    Args:
+      model: a VGG module.
+      image_size: the crop size S (center and multi-crop views; the unit of max_views).
+      mesh: the "data" mesh (default: all devices, `parallel.create_mesh`).
+      max_views: image_size x image_size views per device per network call (a Q x Q dense view
+        counts as (Q / S)**2 of them): "auto" for `views_per_call` (the memory budget), None for
+        no limit (a whole batch of views in one call).
+      datasets: `create_dataset` as vgg_flax.data.pipeline's (default: that module).
     """
-    from vgg_flax.data import pipeline as input_pipeline
 
-    if dense_images not in ("square", "whole"):
-        raise KeyError(f"dense_images must be 'square' or 'whole', not {dense_images!r}")
-    if max_views is not None and max_views < 1:
-        raise ValueError(f"max_views must be at least 1 (or None for no limit), not {max_views}")
-    whole = protocol == "dense" and dense_images == "whole"
-    view, batch_size = ("whole", 1) if whole else (PROTOCOLS[protocol].views, batch_size)
-    mesh = None if whole else _data_mesh(batch_size)
-    max_pixels = None if max_views is None else max_views * image_size**2
-    fn = posterior_fn(model, protocol, max_pixels=max_pixels, shards=1 if mesh is None else mesh.size)
-    if mesh is not None:
-        variables = jax.device_put(variables, parallel.replicated(mesh))
-    batches = input_pipeline.create_dataset(
-        name, split, batch_size=batch_size, train=False, image_size=image_size, data_dir=data_dir,
-        normalization=normalization, process_index=process_index, process_count=process_count,
-        eval_views=view, eval_resize=scale, multicrop_grid=multicrop_grid)
-    probs, labels = [], []
-    for batch in batches:
-        images = batch["image"] if mesh is None else parallel.global_array(batch["image"], mesh)
-        out = parallel.local_rows(fn(variables, images), mesh)
-        probs.append(out[batch["mask"]])
-        labels.append(batch["label"][batch["mask"]])
-    return np.concatenate(probs), np.concatenate(labels)
+    def __init__(self, model, *, image_size: int, mesh=None, max_views: int | str | None = "auto",
+                 datasets: Any = None):
+        if max_views == "auto":
+            max_views = views_per_call(model, image_size)
+        elif max_views is not None and max_views < 1:
+            raise ValueError(f"max_views must be at least 1 (or None for no limit), not {max_views}")
+        self.model, self.image_size, self.max_views = model, image_size, max_views
+        self.mesh = parallel.create_mesh() if mesh is None else mesh
+        self.datasets = datasets
+        self._programs: dict[tuple[str, bool], Callable] = {}
+
+    def _program(self, protocol: str, whole: bool) -> Callable:
+        if (protocol, whole) not in self._programs:
+            max_pixels = None if self.max_views is None else self.max_views * self.image_size**2
+            self._programs[protocol, whole] = posterior_fn(
+                self.model, protocol, max_pixels=max_pixels, shards=1 if whole else self.mesh.size)
+        return self._programs[protocol, whole]
+
+    def posteriors(self, variables, name: str, split: str, *, protocol: str, batch_size: int,
+                   scale: int | None = None, dense_images: str = "square", **data):
+        """This process's (float32[n, classes] posteriors, int32[n] labels) of one protocol at scale Q.
+
+        Rows follow the split's fixed evaluation order; padding is removed, so n is this process's
+        exact share of the split. batch_size: images per batch of this process. scale: Q (None:
+        the pipeline's default). dense_images="whole" evaluates one whole image per call on one
+        device (see the module docstring). data: more `create_dataset` arguments (data_dir,
+        normalization, multicrop_grid, process_index, process_count).
+        """
+        if dense_images not in ("square", "whole"):
+            raise KeyError(f"dense_images must be 'square' or 'whole', not {dense_images!r}")
+        if protocol not in PROTOCOLS:
+            raise KeyError(f"unknown protocol {protocol!r}; valid: {sorted(PROTOCOLS)}")
+        whole = protocol == "dense" and dense_images == "whole"
+        view, batch_size = ("whole", 1) if whole else (PROTOCOLS[protocol].views, batch_size)
+        fn, device = self._program(protocol, whole), jax.local_devices()[0]
+        if not whole:
+            parallel.check_batch_divides(global_batch_size=batch_size * jax.process_count(),
+                                         num_devices=self.mesh.size, num_processes=jax.process_count())
+        variables = jax.device_put(variables, device if whole else parallel.replicated(self.mesh))
+        batches = self._datasets().create_dataset(
+            name, split, batch_size=batch_size, train=False, image_size=self.image_size, eval_views=view,
+            eval_resize=scale, **data)
+        probs, labels = [], []
+        for batch in batches:
+            if whole:
+                out = np.asarray(fn(variables, batch["image"]))
+            else:
+                out = parallel.local_rows(fn(variables, parallel.global_array(batch["image"], self.mesh)),
+                                          self.mesh)
+            probs.append(out[batch["mask"]])
+            labels.append(batch["label"][batch["mask"]])
+        return np.concatenate(probs), np.concatenate(labels)
+
+    def _datasets(self):
+        if self.datasets is None:
+            from vgg_flax.data import pipeline
+
+            return pipeline
+        return self.datasets
 
 
-def _data_mesh(batch_size: int):
-    """The "data" mesh over every device when there are several (None: plain single-device jit)."""
-    if jax.device_count() == 1:
-        return None
-    if batch_size % jax.local_device_count():
-        raise ValueError(f"batch_size {batch_size} must be a multiple of the {jax.local_device_count()} "
-                         "local devices")
-    return parallel.create_mesh()
+def posteriors(model, variables, name: str, split: str, *, protocol: str, scale: int, image_size: int,
+               batch_size: int, max_views: int | str | None = "auto", **kwargs):
+    """`Evaluator(model, image_size=..., max_views=...).posteriors(variables, ...)`, for one call."""
+    evaluator = Evaluator(model, image_size=image_size, max_views=max_views)
+    return evaluator.posteriors(variables, name, split, protocol=protocol, scale=scale,
+                                batch_size=batch_size, **kwargs)
 
 
 def topk_correct(probs: np.ndarray, labels: np.ndarray, k: int) -> int:
@@ -220,19 +289,23 @@ def topk_correct(probs: np.ndarray, labels: np.ndarray, k: int) -> int:
 
 
 def metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float | int]:
-    """{"top1", "top5", "count"}: sums over this process, summed over all processes, divided once."""
-    sums = np.asarray([topk_correct(probs, labels, 1), topk_correct(probs, labels, 5), len(labels)],
-                      np.int64)
+    """{"top1", "top5", "loss", "count"}: sums over this process, summed over all processes, divided
+    once. loss: the mean negative log posterior of the label (for "center", the cross-entropy)."""
+    picked = np.take_along_axis(probs, labels[:, None].astype(np.int64), axis=1)[:, 0]
+    nll = -np.log(np.maximum(picked.astype(np.float64), np.finfo(np.float32).tiny))
+    sums = np.asarray([topk_correct(probs, labels, 1), topk_correct(probs, labels, 5), nll.sum(),
+                       len(labels)], np.float64)
     sums = parallel.sum_over_processes(sums)
-    count = int(sums[2])
-    return {"top1": float(sums[0] / max(count, 1)), "top5": float(sums[1] / max(count, 1)), "count": count}
+    count = int(sums[3])
+    return {"top1": float(sums[0] / max(count, 1)), "top5": float(sums[1] / max(count, 1)),
+            "loss": float(sums[2] / max(count, 1)), "count": count}
 
 
 def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,
              protocols: Sequence[str] = ("center",), scales: Sequence[int] | None = None,
              batch_size: int = 32, data_dir: str | None = None, normalization: str = "torchvision",
              multicrop_grid: int = 5, dense_images: str = "square",
-             max_views: int | None = MAX_VIEWS_PER_CALL, process_index: int | None = None,
+             max_views: int | str | None = "auto", process_index: int | None = None,
              process_count: int | None = None) -> dict[str, dict[str, Any]]:
     """Top-1/top-5 of each protocol over a split (or "folder:/root" split).
 
@@ -245,10 +318,11 @@ def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,
         default Q (round(S * 256 / 224), or S for fixed-size datasets such as the digits).
       batch_size: images per batch of the input pipeline (multi-crop: times 2 * grid**2 crops).
       dense_images: "square" (batched) or "whole" (the paper's; one image per call).
-      max_views: at most this many image_size x image_size views per device per network call
-        (bounded memory whatever the grid and scales; None: a whole batch of views at once).
+      max_views: image_size x image_size views per device per network call: "auto" (the memory
+        budget, `views_per_call`), a number, or None (a whole batch of views at once); see `Evaluator`.
     Returns:
-      {protocol: {"top1", "top5" (fractions), "count" (examples), "scales" (list)}}.
+      {protocol: {"top1", "top5" (fractions), "loss" (mean -log posterior of the label), "count"
+      (examples), "scales" (list)}}.
     """
     from vgg_flax.data import pipeline as input_pipeline
 
@@ -260,12 +334,13 @@ def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,
         scales = [input_pipeline.default_eval_resize(image_size, info.image_shape is not None,
                                                      get_preset(normalization))]
     needed = sorted({part for p in parts.values() for part in p})
-    kw = dict(image_size=image_size, batch_size=batch_size, data_dir=data_dir, normalization=normalization,
-              multicrop_grid=multicrop_grid, dense_images=dense_images, max_views=max_views,
-              process_index=process_index, process_count=process_count)
+    evaluator = Evaluator(model, image_size=image_size, max_views=max_views)
+    kw = dict(batch_size=batch_size, data_dir=data_dir, normalization=normalization,
+              multicrop_grid=multicrop_grid, dense_images=dense_images, process_index=process_index,
+              process_count=process_count)
     averaged, labels = {}, None
     for protocol in needed:
-        per_scale = [posteriors(model, variables, name, split, protocol=protocol, scale=q, **kw)
+        per_scale = [evaluator.posteriors(variables, name, split, protocol=protocol, scale=q, **kw)
                      for q in scales]
         averaged[protocol] = np.mean([p for p, _ in per_scale], axis=0)
         labels = per_scale[0][1]

@@ -3,17 +3,15 @@
 One 1-D mesh with a "data" axis (jit over a `Mesh`, not pmap): a batch is sharded on "data", parameters
 and optimizer state are replicated, and XLA inserts the collectives. Each process feeds its own
 contiguous rows of every global batch, and every process must run the same number of steps of a
-collective program, so a process whose share of an evaluation split is shorter feeds all-masked
-batches (`padded`) instead of stopping early (which would deadlock the others). Training
+collective program: the input pipeline's evaluation streams give every process the same number of
+batches (all-masked ones after a shorter share), so evaluation never deadlocks. Training
 (`vgg_flax.train`) and evaluation (`vgg_flax.evaluation`) share these helpers; a "model" axis would be
 added to `create_mesh` and `replicated` here.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterable, Iterator
 
 import jax
 import numpy as np
@@ -83,29 +81,6 @@ def local_rows(out: jax.Array, mesh: Mesh | None) -> np.ndarray:
     if mesh is None or jax.process_count() == 1:
         return np.asarray(out)
     return np.asarray(multihost_utils.global_array_to_host_local_array(out, mesh, P(DATA_AXIS)))
-
-
-def batches_per_process(num_examples: int, local_batch_size: int, num_processes: int) -> int:
-    """The batch count every process runs over a split: that of the largest even share."""
-    return math.ceil(math.ceil(num_examples / num_processes) / local_batch_size)
-
-
-def padded(batches: Iterable[dict], num_batches: int, blank: dict) -> Iterator[dict]:
-    """Exactly `num_batches` batches: those of `batches`, then `blank` (all-masked) ones.
-
-    Raises a ValueError if `batches` has more (its examples would be dropped, not counted).
-    """
-    it = iter(batches)
-    for _ in range(num_batches):
-        yield next(it, blank)
-    if next(it, None) is not None:
-        raise ValueError(f"this process has more than the {num_batches} batches every process runs")
-
-
-def blank_batch(batch_size: int, image_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """A batch of zeros whose every row is padding (mask False)."""
-    return {"image": np.zeros((batch_size, *image_shape), np.float32),
-            "label": np.zeros((batch_size,), np.int32), "mask": np.zeros((batch_size,), bool)}
 
 
 def sum_over_processes(values: np.ndarray) -> np.ndarray:

@@ -2,14 +2,18 @@
 checkpoints that `load_for_inference` reads, the latest or the best by eval top-1."""
 
 import json
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from train_harness import FakeDatasets, load_config_module, tiny_config
 
+import vgg_flax
 from vgg_flax.train import checkpoints
 from vgg_flax.train import loop as training
+from vgg_flax.train import workdir as workdir_lib
 
 TOP1 = {3: 0.9, 6: 0.5}  # the eval at step 3 is the best; the latest (step 6) is worse
 
@@ -66,7 +70,7 @@ def test_config_json_is_the_whole_config_and_round_trips(run):
     workdir, config, _ = run
     with open(f"{workdir}/config.json") as f:
         saved = json.load(f)
-    assert saved == checkpoints.read_config(workdir)
+    assert saved == workdir_lib.read_config(workdir)
     # Every section and key, nested as in the ConfigDict, with the run's values (tuples as lists).
     assert saved == json.loads(json.dumps(config.to_dict()))
     assert set(saved) == {"seed", "num_train_steps", "global_batch_size", "warm_start_from", "pretrained",
@@ -78,4 +82,56 @@ def test_config_json_is_the_whole_config_and_round_trips(run):
     again.update(saved)
     assert again == config and again.data.scale_range == (40, 48)
     model, _ = checkpoints.load_for_inference(workdir)
-    assert model == checkpoints.model_from_config(config.model.to_dict(), num_classes=3, dtype="float32")
+    assert model == vgg_flax.VGG.from_config(config.model.to_dict(), num_classes=3, dtype="float32")
+
+
+def test_checkpoints_keep_the_latest_k_and_the_best(tmp_path):
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2, async_save=True)
+    top1 = {2: 0.9, 4: 0.5, 6: 0.7}
+    for step in range(1, 7):
+        state = {"w": jnp.full((3,), float(step))}
+        ckpt.save(step, state, {"num_classes": 3}, {"eval_top1": top1[step]} if step in top1 else None)
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 5, 6] and ckpt.best_step() == 2
+    ckpt.close()
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=2)  # a restarted run still knows the best
+    ckpt.save(7, {"w": jnp.zeros(3)}, {"num_classes": 3})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 6, 7] and ckpt.best_step() == 2
+    restored, meta = ckpt.restore(2, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    ckpt.close()
+    np.testing.assert_array_equal(restored["w"], [2.0, 2.0, 2.0])
+    assert meta == {"num_classes": 3}
+
+
+def test_a_failed_orbax_read_leaves_no_pending_task(monkeypatch):
+    """orbax runs a read in a fresh event loop and closes it when the read raises; the reads
+    gathered with the failing one must not outlive it (they printed "Exception ignored in coroutine
+    _read_array_index_and_device_put" / "Event loop is closed" after a damaged checkpoint's warning).
+    The same pattern as orbax's array read: any exception, GeneratorExit included, is re-raised."""
+    import asyncio
+    import gc
+
+    from orbax.checkpoint._src import asyncio_utils
+
+    async def slow_read():
+        try:
+            await asyncio.sleep(5)
+        except BaseException as err:
+            raise Exception("a read outliving its loop") from err
+
+    async def damaged_read():
+        await asyncio.sleep(0)
+        raise OSError("damaged file")
+
+    async def restore():
+        await asyncio.gather(damaged_read(), slow_read(), slow_read())
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    policy = asyncio.get_event_loop_policy()
+    with checkpoints._tidy_reads(), pytest.raises(OSError, match="damaged file"):
+        asyncio_utils.run_sync(restore())
+    gc.collect()
+    assert [str(u.exc_value) for u in unraisable] == []
+    assert asyncio.get_event_loop_policy() is policy  # put back

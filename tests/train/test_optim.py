@@ -2,6 +2,8 @@
 the learning rate (schedule x plateau scale) lives in the optimizer state, and any optax optimizer
 trains through the real train step."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,3 +176,31 @@ def test_a_new_optimizer_is_one_row_of_the_table(monkeypatch):
     _assert_same(_trajectory(ours, _data_loss), _trajectory(ref, _data_loss))
     with pytest.raises(KeyError, match="'lamb'.*valid: \\['adamw', 'lion', 'sgd'\\]"):
         optim.direction(name="lamb")
+
+
+def test_plateau_divides_by_ten_after_patience_and_at_most_max_times():
+    p = optim.Plateau(patience=2, max_reductions=2)
+    history = [p.update(a) for a in [0.5, 0.6, 0.6, 0.59, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]]
+    assert history == [False, False, False, True, False, False, True, False, False, False, False]
+    assert p.scale == pytest.approx(0.01) and p.reductions == 2
+    p.update(np.float32(0.5))  # numpy scalars (what evaluation returns) keep the state JSON-able
+    json.dumps(p.state_dict())
+    q = optim.Plateau()
+    q.load_state_dict(p.state_dict())
+    assert q.state_dict() == p.state_dict()
+
+
+@pytest.mark.parametrize("name", optim.SCHEDULES)
+def test_schedules(name):
+    s, plateau = optim.make_schedule(name=name, learning_rate=1.0, num_steps=100, warmup_steps=10,
+                                     boundaries=(50,))
+    assert (plateau is not None) == (name == "plateau")
+    steps = (0, 5, 10, 40, 60, 100)
+    lr = [float(s(jnp.asarray(t))) for t in steps]
+    assert lr[:3] == [0.0, pytest.approx(0.5), pytest.approx(1.0)]  # linear warmup over 10 steps
+    # After the warmup, by hand: cosine 0.5 * (1 + cos(pi * (t - 10) / 90)) down to 0 at step 100;
+    # "step" x0.1 from its boundary at 50; the flat ones stay at 1 (the plateau acts via lr_scale).
+    cosine = [0.5 * (1 + np.cos(np.pi * (t - 10) / 90)) for t in steps[3:]]
+    expected = {"constant": [1.0] * 3, "plateau": [1.0] * 3, "step": [1.0, 0.1, 0.1],
+                "cosine": cosine}[name]
+    np.testing.assert_allclose(lr[3:], expected, rtol=1e-6, atol=1e-7)

@@ -5,10 +5,13 @@ layer is exactly the fresh initialisation a run without warm start gets from the
 import jax
 import jax.numpy as jnp
 import numpy as np
-from train_harness import FakeDatasets, tiny_config
+import pytest
+from train_harness import FakeDatasets, tiny_config, train
 
+import vgg_flax
 from vgg_flax.train import checkpoints, warm_start
 from vgg_flax.train import loop as training
+from vgg_flax.train import workdir as workdir_lib
 
 # Written from the paper, not read from the code: net A = 64 M 128 M 256 256 M ..., so its first four
 # convs are conv1_1, conv2_1, conv3_1, conv3_2; then the three FC layers.
@@ -27,14 +30,14 @@ def _net_a_workdir(workdir: str) -> None:
     """A net A run's workdir (config.json and a checkpoint) with random values in every parameter and
     statistic, as a trained net A has: none equals a fresh initialisation (zero biases, mean 0, var 1)."""
     config = _config("A")
-    model = checkpoints.model_from_config(config.model.to_dict(), num_classes=3)
+    model = vgg_flax.VGG.from_config(config.model.to_dict(), num_classes=3)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     rng = np.random.default_rng(0)
     state = jax.tree_util.tree_map(lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32), shapes)
     ckpt = checkpoints.Checkpoints(workdir, async_save=False)
     ckpt.save(2, {"step": np.int32(2), **state}, {"num_classes": 3})
     ckpt.close()
-    checkpoints.write_config(workdir, config.to_dict())
+    workdir_lib.write_config(workdir, config.to_dict())
 
 
 def _start(workdir, config) -> dict:
@@ -69,3 +72,21 @@ def test_paper_warm_start_copies_first_four_convs_and_fcs(tmp_path):
                     assert not np.array_equal(value, fresh[collection][name][leaf]), where
                 else:  # the intermediate layers: initialised randomly, exactly as without warm start
                     np.testing.assert_array_equal(value, fresh[collection][name][leaf], err_msg=where)
+
+
+def test_fine_tune_from_pretrained_file_new_head(tmp_path):
+    """A save_pretrained file (as `vgg-flax convert` writes) with 3 classes into a 5-class run."""
+    from vgg_flax.convert import weights
+
+    src = train(tmp_path / "src", num_train_steps=1)
+    model, _ = checkpoints.load_for_inference(str(tmp_path / "src"))
+    variables = {"params": jax.device_get(src.params), "batch_stats": jax.device_get(src.batch_stats)}
+    weights.save_pretrained(tmp_path / "w.safetensors", model, variables, preprocessing="symmetric")
+    with pytest.raises(warm_start.WeightsMismatchError, match="3 classes but the run has 5"):
+        train(tmp_path / "a", **{"data.num_classes": 5}, pretrained=str(tmp_path / "w.safetensors"))
+    state = train(tmp_path / "b", num_train_steps=1, reset_head=True,
+                   pretrained=str(tmp_path / "w.safetensors"),
+                   **{"data.num_classes": 5, "schedule.learning_rate": 0.0})
+    np.testing.assert_array_equal(jax.device_get(state.params["conv2_1"]["kernel"]),
+                                  variables["params"]["conv2_1"]["kernel"])
+    assert state.params["head_out"]["kernel"].shape == (16, 5)

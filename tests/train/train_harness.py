@@ -1,6 +1,6 @@
 """Test harness for the training program: a tiny in-memory dataset and a subprocess entry point.
 
-The fake dataset follows `vgg_flax.input_pipeline`'s contract (a pure function of (seed, step),
+The fake dataset follows `vgg_flax.data.pipeline`'s contract (a pure function of (seed, step),
 each process reading its contiguous rows of the global batch) so multi-device and multi-process runs
 can be compared with one-device runs on exactly the same global batches. Run as a script it trains
 one config in a fresh process (so XLA_FLAGS / jax.distributed can be set before JAX starts) and
@@ -134,13 +134,27 @@ class FakeDatasets:
             step += 1
 
     def _eval(self, batch_size, pi, pc):
+        """The pipeline's evaluation contract: this process's contiguous even share, the last batch
+        padded (mask False), then all-masked batches up to the largest share's batch count."""
+        from vgg_flax.data.sources import even_shares
+
         images, labels = _examples(np.random.default_rng(12345), EVAL_EXAMPLES)
-        images, labels = images[pi::pc], labels[pi::pc]
-        for start in range(0, len(labels), batch_size):
-            im, lb = images[start:start + batch_size], labels[start:start + batch_size]
+        shares = even_shares(EVAL_EXAMPLES, pc)
+        rows = slice(sum(shares[:pi]), sum(shares[:pi + 1]))
+        images, labels = images[rows], labels[rows]
+        for b in range(-(-max(shares) // batch_size)):
+            im, lb = images[b * batch_size:(b + 1) * batch_size], labels[b * batch_size:(b + 1) * batch_size]
             pad = batch_size - len(lb)
             yield {"image": np.pad(im, [(0, pad), (0, 0), (0, 0), (0, 0)]),
                    "label": np.pad(lb, (0, pad)), "mask": np.arange(batch_size) < len(lb)}
+
+
+def train(workdir, datasets=None, optimizer=None, **overrides):
+    """`train_and_evaluate` of `tiny_config(**overrides)` in this process, on FakeDatasets by default."""
+    from vgg_flax.train import loop as training
+
+    return training.train_and_evaluate(tiny_config(**overrides), str(workdir),
+                                       datasets=datasets or FakeDatasets(), optimizer=optimizer)
 
 
 def flat_params(state) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from vgg_flax.cli import errors
+from vgg_flax.models.heads import HEAD_SPECS
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -122,12 +123,12 @@ def _eval_source(args: argparse.Namespace):
         meta = weights.pretrained_metadata(args.weights)
         return model, variables, {"normalization": meta["preprocessing"], "split": "validation",
                                   "image_size": 224, "data_dir": None, "dataset": None}
-    from vgg_flax.train import checkpoints
+    from vgg_flax.train import checkpoints, workdir
 
     model, variables = checkpoints.load_for_inference(args.workdir, which=args.which)
-    data = checkpoints.read_config(args.workdir)["data"]
+    data = workdir.read_config(args.workdir)["data"]
     return model, variables, {"normalization": data["normalization"], "split": data["eval_split"],
-                              "image_size": data["image_size"], "data_dir": data["data_dir"] or None,
+                              "image_size": data["image_size"], "data_dir": data["data_dir"],
                               "dataset": data["dataset"]}
 
 
@@ -141,7 +142,7 @@ def _eval(args: argparse.Namespace) -> int:
     if not run["dataset"]:
         raise SystemExit("vgg-flax eval: --dataset is required with --weights / --model")
     scales = [int(q) for q in args.scales.split(",")] if args.scales else None
-    max_views = evaluation.MAX_VIEWS_PER_CALL if args.max_views is None else args.max_views or None
+    max_views = "auto" if args.max_views is None else args.max_views or None
     results = evaluation.evaluate(
         model, variables, run["dataset"], run["split"], image_size=run["image_size"],
         protocols=args.protocols.split(","), scales=scales, batch_size=args.batch_size,
@@ -164,7 +165,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from vgg_flax import plots
+    from vgg_flax.train import plots
 
     print(plots.plot_metrics(args.workdir, args.out))
     return 0
@@ -187,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert torchvision/timm VGG weights to a vgg-flax file")
     p.add_argument("src", help="a .pth/.pt/.bin or .safetensors state dict")
     p.add_argument("dst", help="the .safetensors file to write (weights, config, preprocessing)")
-    p.add_argument("--head", default="torchvision", choices=("torchvision", "dense", "none"))
+    p.add_argument("--head", default="torchvision",
+                   choices=[name for name, head in HEAD_SPECS.items() if head.torchvision_layout])
     p.add_argument("--no-verify-hash", action="store_true",
                    help="skip the sha256 check of a hash prefix in the file name")
     p.add_argument("--no-check", action="store_true", help="skip the self-check against torch")
@@ -230,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-views", type=int,
                    help="at most this many crop-sized views per device per network call, to bound "
-                        "memory (default: evaluation.MAX_VIEWS_PER_CALL, 256; 0: no limit)")
+                        "memory (default: from the memory budget, evaluation.views_per_call; 0: no limit)")
     p.add_argument("--output", help="write the results as JSON here")
     p.set_defaults(func=_eval)
 

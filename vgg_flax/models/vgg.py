@@ -51,6 +51,7 @@ PYRAMID_TAPS = ("stage1", "stage2", "stage3", "stage4", "stage5", "pool5")
 CONFIG_FIELDS = ("config", "batch_norm", "head", "num_classes", "dropout_rate", "fc_width",
                  "small_head_width", "weight_init")
 _DTYPE_FIELDS = ("dtype", "param_dtype")
+DTYPES = ("float32", "bfloat16", "float16")  # the dtype names a config may give
 
 
 class VGG(nn.Module):
@@ -80,7 +81,7 @@ class VGG(nn.Module):
       remat_blocks: rematerialise each conv block (`nn.remat` over its convs, BN, ReLUs and pool):
         only block outputs are kept for the backward pass, the rest is recomputed block by block.
         Same values and parameter names. Meant for large batches on small GPUs (unmeasured there);
-        on XLA:CPU it saved no memory in our measurement (README, Training), so leave it off there.
+        on XLA:CPU it saved no memory in our measurement (docs/training.md), so leave it off there.
     """
 
     config: Any = "D"
@@ -199,7 +200,8 @@ class VGG(nn.Module):
         Args:
           config: VGG fields; missing ones take their defaults. "config" may be a name, a list (of
             entries, pairs as lists) or a comma string ("64,M,128,M,256x1,M", `parse_config`);
-            dtypes may be names ("bfloat16").
+            dtypes may be names of DTYPES ("bfloat16"). A training config's `model` section is such
+            a dict: this is how a run builds its model.
           **overrides: fields to change, e.g. head="dense" (same weights) or dtype=jnp.bfloat16.
         Returns:
           the VGG module.
@@ -213,6 +215,8 @@ class VGG(nn.Module):
             fields["config"] = parse_config(fields["config"])
         for name in _DTYPE_FIELDS:
             if isinstance(fields.get(name), str):
+                if fields[name] not in DTYPES:
+                    raise ValueError(f"config.model.{name} must be one of {DTYPES}, not {fields[name]!r}")
                 fields[name] = jnp.dtype(fields[name])
         return cls(**fields)
 
@@ -228,10 +232,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "vgg19": {"config": "E"}, "vgg19_bn": {"config": "E", "batch_norm": True},
 }
 MODELS = {name: functools.partial(VGG, **fields) for name, fields in VARIANTS.items()}
-# The public names of the builders (vgg_flax.vgg16, ...), the same partials as in MODELS.
-vgg11, vgg11_bn, vgg11_lrn = MODELS["vgg11"], MODELS["vgg11_bn"], MODELS["vgg11_lrn"]
-vgg13, vgg13_bn, vgg16_c = MODELS["vgg13"], MODELS["vgg13_bn"], MODELS["vgg16_c"]
-vgg16, vgg16_bn, vgg19, vgg19_bn = MODELS["vgg16"], MODELS["vgg16_bn"], MODELS["vgg19"], MODELS["vgg19_bn"]
+# The public names of the builders (vgg_flax.vgg16, ...): MODELS' partials, one per VARIANTS row
+# (vgg_flax.models and vgg_flax export the same names, vgg_flax.nnx its NNX builders of them).
+globals().update(MODELS)
 
 
 def get_model(name: str, **kwargs) -> VGG:

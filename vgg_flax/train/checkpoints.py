@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -26,12 +25,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from vgg_flax.models import VGG, classifier_in, parse_config, resolve_config
+from vgg_flax.models import VGG, classifier_in, resolve_config
 from vgg_flax.models.configs import config_to_spec
-
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-CORRUPT_DIR = "checkpoints_corrupt"
+from vgg_flax.train import workdir as workdir_lib
 
 
 class CheckpointError(RuntimeError):
@@ -118,7 +114,7 @@ class Checkpoints:
                 raise ValueError(f"config.checkpoints.{name} must be positive, got {value}")
         self.every_steps = every_steps
         self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+        self.directory = workdir_lib.path(self.workdir, workdir_lib.CHECKPOINT_DIR)
         self.keep, self.async_save = keep, async_save
         self._manager = self._open()
 
@@ -227,7 +223,8 @@ class Checkpoints:
         self._manager.wait_until_finished()
         if jax.process_index() == 0:
             src = os.path.join(self.directory, str(step))
-            dst = os.path.join(self.workdir, CORRUPT_DIR, f"{step}-{int(time.time())}")
+            aside = workdir_lib.path(self.workdir, workdir_lib.CORRUPT_DIR)
+            dst = os.path.join(aside, f"{step}-{int(time.time())}")
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             if os.path.exists(src):
                 shutil.move(src, dst)
@@ -302,43 +299,6 @@ def abstract_like(state: Any, shardings: Any) -> Any:
         lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), state, shardings)
 
 
-def write_config(workdir: str, config_dict: dict) -> None:
-    """The resolved config as JSON (process 0 only), so a run can be rebuilt for inference."""
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(config_dict, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
-
-
-def read_config(workdir: str) -> dict:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path} not found: {workdir!r} is not a vgg-flax training workdir")
-    with open(path) as f:
-        return json.load(f)
-
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def model_from_config(model_cfg: dict, *, num_classes: int, dtype: str | None = None):
-    """The VGG module a config's `model` section describes (see configs/default.py).
-
-    `dtype` (the compute dtype; parameters stay float32) overrides the section's `dtype`.
-    """
-    dtype = dtype or model_cfg.get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise ValueError(f"config.model.dtype must be one of {DTYPES}, not {dtype!r}")
-    return VGG.from_config(model_cfg, num_classes=num_classes, dtype=dtype)
-
-
-# The old name of `vgg_flax.models.parse_config` (configs' comma strings).
-parse_architecture = parse_config
-
-
 def load_for_inference(workdir: str, *, which: str = "latest"):
     """(model, variables) of a training run, for evaluation and prediction.
 
@@ -350,7 +310,7 @@ def load_for_inference(workdir: str, *, which: str = "latest"):
     """
     if which not in ("latest", "best"):
         raise ValueError(f"which must be 'latest' or 'best', not {which!r}")
-    config = read_config(workdir)
+    config = workdir_lib.read_config(workdir)
     ckpt = Checkpoints(workdir, async_save=False)
     try:
         step = (ckpt.best_step() if which == "best" else None) or ckpt.latest_step()
@@ -360,7 +320,7 @@ def load_for_inference(workdir: str, *, which: str = "latest"):
     finally:
         ckpt.close()
     num_classes = int(np.shape(jax.tree_util.tree_leaves(_classifier(state["params"]))[-1])[-1])
-    model = model_from_config(config["model"], num_classes=num_classes, dtype="float32")
+    model = VGG.from_config(config["model"], num_classes=num_classes, dtype="float32")
     variables = {"params": state["params"]}
     if state.get("batch_stats"):
         variables["batch_stats"] = state["batch_stats"]

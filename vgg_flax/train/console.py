@@ -6,7 +6,6 @@ resolved config is in config.json, the numbers in metrics.jsonl. Only process 0 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -14,7 +13,7 @@ import jax
 
 from vgg_flax import models
 from vgg_flax.train import checkpoints as ckpt_lib
-from vgg_flax.train import metrics_log
+from vgg_flax.train import workdir as workdir_lib
 
 
 def _devices() -> str:
@@ -23,21 +22,21 @@ def _devices() -> str:
     return f"{jax.device_count()} x {', '.join(kinds)} ({jax.default_backend()}){hosts}"
 
 
-def header(config, workdir: str, *, params, num_classes: int, num_examples: dict[str, int],
+def header(config, workdir: str, *, model_config: dict, params, num_examples: dict[str, int],
            start_step: int) -> str:
     """Model, parameter count, dataset and split sizes, devices, workdir and where the run starts.
 
     Args:
-      config: the run's ConfigDict; params: the model's parameters (any array type);
-      num_examples: {split: examples} of the train and eval splits.
+      config: the run's ConfigDict; model_config: the run's `VGG.to_config()` (described by
+      `checkpoints.describe_model`, as a checkpoint of another model is); params: its parameters
+      (any array type); num_examples: {split: examples} of the train and eval splits.
     """
-    m, d = config.model, config.data
+    d = config.data
     sizes = ", ".join(f"{split} {n:,}" for split, n in num_examples.items())
-    bn = ", BatchNorm" if m.batch_norm else ""
     start = f"resuming at step {start_step}" if start_step else "from step 0"
     return "\n".join([
-        f"model     VGG {m.config}{bn}, {m.head} head, {num_classes} classes, "
-        f"{models.count_params(params):,} parameters, {m.dtype}",
+        f"model     VGG {ckpt_lib.describe_model(model_config)}, {model_config['num_classes']} classes, "
+        f"{models.count_params(params):,} parameters, {config.model.dtype}",
         f"data      {d.dataset} {d.image_size}px: {sizes} (train/eval examples)",
         f"devices   {_devices()}, global batch {config.global_batch_size}",
         f"workdir   {os.path.abspath(workdir)} ({start}, {config.num_train_steps} steps)"])
@@ -46,17 +45,18 @@ def header(config, workdir: str, *, params, num_classes: int, num_examples: dict
 def summary(workdir: str) -> str:
     """Best eval top-1 and where the checkpoints, metrics and curves of `workdir` are."""
     workdir = os.path.abspath(workdir)
-    path = os.path.join(workdir, metrics_log.METRICS_FILE)
-    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-    evals = [r for r in rows if "eval_top1" in r]
+    path = workdir_lib.path(workdir, workdir_lib.METRICS_FILE)
+    rows = workdir_lib.read_rows(workdir)
+    evals = workdir_lib.eval_rows(rows)
     best = max(evals, key=lambda r: r["eval_top1"], default=None)
     last = max((r["step"] for r in rows), default=0)
     done = f"best eval top-1 {best['eval_top1']:.4f} at step {best['step']}" if best else "no evaluation yet"
     return "\n".join([
         f"done      step {last}, {done}",
-        f"          checkpoints {os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)}",
+        f"          checkpoints {workdir_lib.path(workdir, workdir_lib.CHECKPOINT_DIR)}",
         f"          metrics     {path} (config.json and TensorBoard events beside it)",
-        f"          curves      `vgg-flax plot {workdir}` writes {os.path.join(workdir, 'curves.png')}"])
+        f"          curves      `vgg-flax plot {workdir}` writes "
+        f"{workdir_lib.path(workdir, workdir_lib.CURVES_FILE)}"])
 
 
 def show(text: str) -> None:

@@ -23,7 +23,7 @@ import os
 import socket
 import time
 
-LOCK_FILE = "train.lock"
+from vgg_flax.train import workdir as workdir_lib
 
 
 class WorkdirLockedError(RuntimeError):
@@ -55,7 +55,7 @@ class WorkdirLock:
 
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.workdir = os.path.abspath(workdir)
-        self.path = os.path.join(self.workdir, LOCK_FILE)
+        self.path = workdir_lib.path(self.workdir, workdir_lib.LOCK_FILE)
         self.enabled = enabled and "://" not in workdir
         self._fd: int | None = None
         self._created_dir = False

@@ -24,11 +24,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from vgg_flax import parallel
+from vgg_flax import evaluation, parallel
 from vgg_flax.convert import pretrained as pretrained_weights
 from vgg_flax.data import pipeline as input_pipeline
+from vgg_flax.models import VGG
 from vgg_flax.train import checkpoints as ckpt_lib
 from vgg_flax.train import console, lock, metrics_log, optim, prefetch, steps, warm_start
+from vgg_flax.train import workdir as workdir_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -58,14 +60,18 @@ def _check_positive(section: str, **values: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-    """This process's share of the run's splits; `make_data` builds it from the `data` section."""
+    """The `data` config section (`make_data` checks it), with what the dataset says of itself."""
 
     datasets: Any  # `create_dataset` and `dataset_info`, as vgg_flax.data.pipeline
     dataset: str
     train_split: str
     eval_split: str
-    options: dict  # create_dataset's keyword arguments shared by both splits
-    train_options: dict
+    image_size: int
+    augment: str
+    normalization: str
+    scale_range: tuple[int, int] | None  # None: the augmentation's default
+    data_dir: str | None  # None: TFDS's default
+    seed: int
     num_classes: int
     num_train_examples: int
     num_eval_examples: int
@@ -77,38 +83,30 @@ class Data:
         """Batches from `start_step` on: per-process batch = global batch / process count."""
         return self.datasets.create_dataset(
             self.dataset, self.train_split, batch_size=global_batch_size // jax.process_count(),
-            train=True, start_step=start_step, **self.options, **self.train_options)
-
-    def eval_batches(self, global_batch_size: int):
-        """One pass over the eval split, the same batch count on every process (padding masked)."""
-        local = global_batch_size // jax.process_count()
-        size = self.options["image_size"]
-        num = parallel.batches_per_process(self.num_eval_examples, local, jax.process_count())
-        batches = self.datasets.create_dataset(self.dataset, self.eval_split, batch_size=local,
-                                               train=False, **self.options)
-        return parallel.padded(batches, num, parallel.blank_batch(local, (size, size, 3)))
+            train=True, image_size=self.image_size, data_dir=self.data_dir, seed=self.seed,
+            start_step=start_step, augment=self.augment, normalization=self.normalization,
+            scale_range=self.scale_range, process_index=jax.process_index(),
+            process_count=jax.process_count())
 
 
-def make_data(datasets, *, seed: int, dataset: str, data_dir: str, train_split: str, eval_split: str,
-              image_size: int, augment: str, normalization: str, scale_range, num_classes: int) -> Data:
+def make_data(datasets, *, seed: int, dataset: str, train_split: str, eval_split: str, image_size: int,
+              augment: str, normalization: str, data_dir: str | None = None,
+              scale_range: tuple[int, int] | None = None, num_classes: int | None = None) -> Data:
     """The `data` config section, after checking that the dataset and its splits exist.
 
-    num_classes: 0 for the dataset's. scale_range: (min, max) short side for augment="paper"
-    ((0, 0): fixed). data_dir: "" for TFDS's default.
+    num_classes: None for the dataset's. scale_range: (min, max) short side for augment="paper"
+    (None: fixed at the paper's S). data_dir: None for TFDS's default.
     """
     try:
-        info = datasets.dataset_info(dataset, data_dir=data_dir or None)
+        info = datasets.dataset_info(dataset, data_dir=data_dir)
         num_train = info.num_examples(train_split)
         num_eval = info.num_examples(eval_split)
     except Exception as err:
         raise ValueError(f"dataset {dataset!r} (splits {train_split!r}, {eval_split!r}) is not "
                          f"available: {err}") from err
-    options = dict(image_size=image_size, data_dir=data_dir or None, seed=seed,
-                   normalization=normalization, process_index=jax.process_index(),
-                   process_count=jax.process_count())
-    train_options = {"augment": augment, **({"scale_range": tuple(scale_range)} if any(scale_range) else {})}
-    return Data(datasets, dataset, train_split, eval_split, options, train_options,
-                num_classes or int(info.num_classes), num_train, num_eval)
+    return Data(datasets, dataset, train_split, eval_split, image_size, augment, normalization,
+                None if scale_range is None else tuple(scale_range), data_dir, seed,
+                int(info.num_classes) if num_classes is None else num_classes, num_train, num_eval)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +143,7 @@ class Run:
     mesh: Mesh
     data: Data
     train_step: Callable
-    eval_step: Callable
+    evaluator: evaluation.Evaluator  # the "center" protocol over the eval split
     ckpt: ckpt_lib.Checkpoints
     model_config: dict  # VGG.to_config(): saved with each checkpoint, checked on resume
     plateau: optim.Plateau | None  # None unless schedule.name == "plateau"
@@ -155,8 +153,8 @@ class Run:
     global_batch_size: int
 
 
-def initial_variables(model, rng: jax.Array, *, image_size: int, warm_start_from: str = "",
-                      pretrained: str = "", reset_head: bool = False) -> dict:
+def initial_variables(model, rng: jax.Array, *, image_size: int, warm_start_from: str | None = None,
+                      pretrained: str | None = None, reset_head: bool = False) -> dict:
     """Fresh variables, or those of a warm start (net A) / fine-tuning source, as numpy."""
     if warm_start_from and pretrained:
         raise ValueError("set at most one of config.warm_start_from and config.pretrained")
@@ -190,11 +188,11 @@ def setup(config, workdir: str, datasets, optimizer=None) -> tuple[Run, steps.Tr
         parallel.check_batch_divides(global_batch_size=size, num_devices=mesh.size, grad_accum_steps=accum,
                                      num_processes=jax.process_count())
     data = make_data(datasets, seed=config.seed, **config.data)
-    model = ckpt_lib.model_from_config(config.model.to_dict(), num_classes=data.num_classes)
+    model = VGG.from_config(config.model.to_dict(), num_classes=data.num_classes)
     if model.dtype == jnp.float16:
         logging.warning(FLOAT16_WARNING)
     init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
-    variables = initial_variables(model, init_rng, image_size=config.data.image_size,
+    variables = initial_variables(model, init_rng, image_size=data.image_size,
                                   warm_start_from=config.warm_start_from, pretrained=config.pretrained,
                                   reset_head=config.reset_head)
     state = steps.create_state(model=model, tx=tx, variables=variables, rng=state_rng)
@@ -212,9 +210,11 @@ def setup(config, workdir: str, datasets, optimizer=None) -> tuple[Run, steps.Tr
     run = Run(mesh=mesh, data=data, ckpt=ckpt, model_config=model_config, plateau=plateau, eval=eval_spec,
               log=log_spec,
               train_step=steps.make_train_step(mesh, shardings, model=model, tx=tx, **config.step),
-              eval_step=steps.make_eval_step(mesh, shardings, model=model),
+              evaluator=evaluation.Evaluator(model, image_size=data.image_size, mesh=mesh,
+                                             datasets=datasets),
               num_train_steps=config.num_train_steps, global_batch_size=config.global_batch_size)
-    ckpt_lib.write_config(workdir, config.to_dict())
+    if jax.process_index() == 0:
+        workdir_lib.write_config(workdir, config.to_dict())
     return run, state
 
 
@@ -225,9 +225,10 @@ def _resume(ckpt, state, shardings, num_classes: int, model_config: dict, platea
     """
     def validate(meta):
         ckpt_lib.check_same_architecture(meta.get("model"), model_config, ckpt.directory)
-        if int(meta["num_classes"]) != num_classes:
+        saved = (meta.get("model") or {}).get("num_classes")  # the class count's one copy
+        if saved is not None and int(saved) != num_classes:
             raise warm_start.WeightsMismatchError(
-                f"the checkpoints in {ckpt.directory} have {meta['num_classes']} classes but the run "
+                f"the checkpoints in {ckpt.directory} have {saved} classes but the run "
                 f"has {num_classes}; use a new workdir")
 
     restored = ckpt.restore_latest_good(ckpt_lib.abstract_like(state, shardings), validate=validate)
@@ -241,23 +242,21 @@ def _resume(ckpt, state, shardings, num_classes: int, model_config: dict, platea
 
 
 def evaluate_run(run: Run, state) -> dict[str, float]:
-    """Exact masked metrics of `state` over the whole eval split (padding rows count for nothing).
-
-    Every process runs the same number of batches (`Data.eval_batches`), so the collective program
-    never deadlocks.
-    """
-    totals = None
-    for batch in run.data.eval_batches(run.eval.batch_size):
-        out = run.eval_step(state, parallel.global_batch(batch, run.mesh))
-        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
-    t = jax.device_get(totals)
-    count = max(float(t["count"]), 1.0)
-    return {f"eval_{k}": float(t[k]) / count for k in ("loss", "top1", "top5")}
+    """{"eval_loss", "eval_top1", "eval_top5"} of `state` over the whole eval split: the "center"
+    protocol of `vgg_flax.evaluation`, every example counted once (padding masked)."""
+    data = run.data
+    probs, labels = run.evaluator.posteriors(
+        steps.variables(state), data.dataset, data.eval_split, protocol="center",
+        batch_size=run.eval.batch_size // jax.process_count(), data_dir=data.data_dir,
+        normalization=data.normalization, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    metrics = evaluation.metrics(probs, labels)
+    return {f"eval_{k}": metrics[k] for k in ("loss", "top1", "top5")}
 
 
 def _meta(run: Run) -> dict:
     plateau = {"plateau": run.plateau.state_dict()} if run.plateau is not None else {}
-    return {"num_classes": run.data.num_classes, "model": run.model_config, **plateau}
+    return {"model": run.model_config, **plateau}  # the model's config holds the class count
 
 
 def _flush(run: Run, pending: list, start_time: float, logger) -> float:
@@ -368,7 +367,7 @@ def train_and_evaluate(config, workdir: str, *, datasets: Any = None,
 
 def _train_and_evaluate(config, workdir: str, datasets, optimizer):
     run, state = setup(config, workdir, datasets, optimizer)
-    console.show(console.header(config, workdir, params=state.params, num_classes=run.data.num_classes,
+    console.show(console.header(config, workdir, model_config=run.model_config, params=state.params,
                                 num_examples=run.data.split_sizes(), start_step=int(state.step)))
     logger = run.log.open(workdir, total_steps=run.num_train_steps, start_step=int(state.step))
     try:

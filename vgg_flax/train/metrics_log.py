@@ -1,8 +1,7 @@
 """Where a run's numbers go: metrics.jsonl, TensorBoard events and a progress display.
 
-Only process 0 writes. `metrics.jsonl` holds one JSON object per line: training rows
-{"step", "train_loss", "train_accuracy", "learning_rate", "images_per_sec"} and evaluation rows
-{"step", "eval_loss", "eval_top1", "eval_top5"}. On resume, rows after the restored step (written by
+Only process 0 writes. `metrics.jsonl` holds one JSON object per line (its rows:
+`vgg_flax.train.workdir`). On resume, rows after the restored step (written by
 the interrupted run and about to be recomputed) are dropped so the file reads as one clean run.
 TensorFlow is imported only when TensorBoard logging is on and the first scalar is written.
 """
@@ -16,25 +15,7 @@ import time
 
 import jax
 
-METRICS_FILE = "metrics.jsonl"
-
-
-def truncate_after(path: str, step: int) -> None:
-    """Keeps only rows with row["step"] <= step, dropping a half-written last line (process 0)."""
-    if jax.process_index() != 0 or not os.path.exists(path):
-        return
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    rows.append(line)
-            except json.JSONDecodeError:  # a line cut short by a kill -9
-                continue
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(rows)
-    os.replace(tmp, path)
+from vgg_flax.train import workdir as workdir_lib
 
 
 class MetricsLogger:
@@ -51,7 +32,7 @@ class MetricsLogger:
     def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0,
                  tensorboard: bool = True, progress: str = "auto"):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.path = workdir_lib.path(workdir, workdir_lib.METRICS_FILE)
         self.workdir, self.tensorboard, self.total = workdir, tensorboard, total_steps
         self._writer = None
         self._bar = None
@@ -60,7 +41,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        truncate_after(self.path, start_step)
+        workdir_lib.truncate_after(workdir, start_step)
         if progress == "auto":
             progress = "bar" if sys.stderr.isatty() else "lines"
         if progress == "bar":

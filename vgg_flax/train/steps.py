@@ -1,4 +1,4 @@
-"""The train state and the pure, jitted train and eval steps.
+"""The train state and the pure, jitted train step (evaluation: `vgg_flax.evaluation.Evaluator`).
 
 Data parallelism the modern way (jit over a `vgg_flax.parallel` mesh, not pmap): the batch is sharded
 on the mesh's "data" axis, parameters and optimizer state are replicated, and XLA inserts the gradient
@@ -45,12 +45,11 @@ def _variables(params, batch_stats):
 
 
 def _cross_entropy(logits, labels, mask):
-    """Masked sums: (loss_sum, correct_count, top5_count, count), float32 scalars."""
+    """Masked sums: (loss_sum, correct_count, count), float32 scalars."""
     mask = mask.astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     top1 = topk_hits(logits, labels, 1).astype(jnp.float32)
-    top5 = topk_hits(logits, labels, 5).astype(jnp.float32)
-    return (jnp.sum(losses * mask), jnp.sum(top1 * mask), jnp.sum(top5 * mask), jnp.sum(mask))
+    return jnp.sum(losses * mask), jnp.sum(top1 * mask), jnp.sum(mask)
 
 
 def _micro_batches(batch, accum: int):
@@ -66,7 +65,7 @@ def _loss_fn(params, batch_stats, micro, key, *, model, remat: bool):
         model = model.clone(remat_blocks=True)
     logits, updates = model.apply(_variables(params, batch_stats), micro["image"], train=True,
                                   mutable=["batch_stats"], rngs={"dropout": key})
-    loss_sum, correct, _, count = _cross_entropy(logits, micro["label"], micro["mask"])
+    loss_sum, correct, count = _cross_entropy(logits, micro["label"], micro["mask"])
     count = jnp.maximum(count, 1.0)
     return loss_sum / count, (updates.get("batch_stats", batch_stats), correct / count)
 
@@ -122,11 +121,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx: optax.GradientTrans
     return new_state, metrics if lr is None else {**metrics, "learning_rate": lr}
 
 
-def eval_step(state: TrainState, batch: dict, *, model):
-    """Masked sums over a global eval batch: {"loss", "top1", "top5", "count"} float32 scalars."""
-    logits = model.apply(_variables(state.params, state.batch_stats), batch["image"], train=False)
-    loss, top1, top5, count = _cross_entropy(logits, batch["label"], batch["mask"])
-    return {"loss": loss, "top1": top1, "top5": top5, "count": count}
+def variables(state: TrainState) -> dict:
+    """The model's variables {"params"[, "batch_stats"]} of a state (for inference, evaluation)."""
+    return _variables(state.params, state.batch_stats)
 
 
 def make_train_step(mesh: Mesh, state_sharding, **kwargs):
@@ -134,12 +131,6 @@ def make_train_step(mesh: Mesh, state_sharding, **kwargs):
     return jax.jit(functools.partial(train_step, **kwargs),
                    in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                    out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
-
-
-def make_eval_step(mesh: Mesh, state_sharding, **kwargs):
-    return jax.jit(functools.partial(eval_step, **kwargs),
-                   in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
-                   out_shardings=parallel.replicated(mesh))
 
 
 def create_state(*, model, tx, variables, rng: jax.Array) -> TrainState:

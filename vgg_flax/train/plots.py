@@ -1,30 +1,15 @@
 """Training curves from a workdir's metrics.jsonl, as a PNG people can look at.
 
-Reads only the JSON lines the training loop writes (train rows: step, train_loss, train_accuracy;
-eval rows: step, eval_loss, eval_top1, eval_top5), so it works on a finished run, a running one, or a
-copy of the file. matplotlib is imported inside `plot_metrics` (the `train` extra installs it).
+Reads metrics.jsonl through `vgg_flax.train.workdir.read_rows`, so it works on a finished run, a
+running one (a half-written last line is skipped), or a copy of the file. matplotlib is imported
+inside `plot_metrics` (the `train` extra installs it).
 """
 
 from __future__ import annotations
 
-import json
 import os
 
-
-def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) of a metrics.jsonl; a half-written last line is ignored."""
-    train, evals = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "train_loss" in row:
-                train.append(row)
-            elif "eval_top1" in row:
-                evals.append(row)
-    return train, evals
+from vgg_flax.train import workdir as workdir_lib
 
 
 def plot_metrics(workdir: str, out: str | None = None) -> str:
@@ -37,9 +22,12 @@ def plot_metrics(workdir: str, out: str | None = None) -> str:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    path = os.path.join(workdir, "metrics.jsonl")
-    train, evals = read_metrics(path)
+    rows = workdir_lib.read_rows(workdir)
+    train, evals = workdir_lib.train_rows(rows), workdir_lib.eval_rows(rows)
     if not train and not evals:
+        path = workdir_lib.path(workdir, workdir_lib.METRICS_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: {workdir!r} has no training metrics")
         raise ValueError(f"{path} holds no training or evaluation rows")
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     if train:
@@ -61,7 +49,7 @@ def plot_metrics(workdir: str, out: str | None = None) -> str:
         ax.legend()
     fig.suptitle(os.path.basename(os.path.abspath(workdir)))
     fig.tight_layout()
-    out = out or os.path.join(workdir, "curves.png")
+    out = out or workdir_lib.path(workdir, workdir_lib.CURVES_FILE)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

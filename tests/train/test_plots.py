@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from vgg_flax import plots
+from vgg_flax.train import plots, workdir
 
 
 def _write(path, rows, torn=False):
@@ -21,7 +21,8 @@ def test_curves_png_from_metrics(tmp_path):
              "images_per_sec": 100.0} for s in (1, 10, 20)]
     rows.append({"step": 20, "eval_loss": 0.1, "eval_top1": 0.97, "eval_top5": 1.0})
     _write(tmp_path / "metrics.jsonl", rows, torn=True)
-    train, evals = plots.read_metrics(str(tmp_path / "metrics.jsonl"))
+    rows = workdir.read_rows(str(tmp_path))
+    train, evals = workdir.train_rows(rows), workdir.eval_rows(rows)
     assert [r["step"] for r in train] == [1, 10, 20] and evals[0]["eval_top1"] == 0.97
     out = plots.plot_metrics(str(tmp_path))
     import matplotlib.image
