@@ -19,43 +19,17 @@ from vgg_flax.models import (
     count_params,
     get_model,
     local_response_norm,
-    vgg11,
-    vgg11_bn,
-    vgg11_lrn,
-    vgg13,
-    vgg13_bn,
-    vgg16,
-    vgg16_bn,
-    vgg16_c,
-    vgg19,
-    vgg19_bn,
 )
+
+globals().update(MODELS)  # the builders vgg11 ... vgg19_bn, one per row of models.VARIANTS
+
+from vgg_flax import nnx, perceptual  # noqa: E402, I001  (the research faces: vgg_flax.nnx.vgg16, ...)
 
 __version__ = "0.1.0"
 
-# Modules that moved into subpackages, still reachable as `vgg_flax.<old name>` attributes.
-_MOVED = {
-    "checkpoints": "vgg_flax.train.checkpoints", "conv": "vgg_flax.ops.conv",
-    "input_pipeline": "vgg_flax.data.pipeline", "metrics_log": "vgg_flax.train.metrics_log",
-    "optim": "vgg_flax.train.optim", "steps": "vgg_flax.train.steps",
-    "torch_check": "vgg_flax.convert.torch_check", "training": "vgg_flax.train.loop",
-    "warm_start": "vgg_flax.train.warm_start", "weights": "vgg_flax.convert.weights",
-    # Faces imported on first use (not moved): vgg_flax.nnx, vgg_flax.perceptual.
-    "nnx": "vgg_flax.nnx", "perceptual": "vgg_flax.perceptual",
-}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return importlib.import_module(_MOVED[name])
-    raise AttributeError(f"module 'vgg_flax' has no attribute {name!r}")
-
 __all__ = [
     "CONFIGS", "HEADS", "MODELS", "PYRAMID_TAPS", "VGG", "adaptive_avg_pool", "count_params",
-    "get_model", "local_response_norm", "vgg11", "vgg11_bn", "vgg11_lrn", "vgg13", "vgg13_bn",
-    "vgg16", "vgg16_bn", "vgg16_c", "vgg19", "vgg19_bn",
+    "get_model", "local_response_norm", *MODELS,
     "ConversionError", "from_pretrained", "list_pretrained", "load_torchvision", "to_torchvision",
-    "load_pretrained", "save_pretrained",
+    "load_pretrained", "save_pretrained", "nnx", "perceptual",
 ]

@@ -128,16 +128,6 @@ def build(name: str, *, rngs: nnx.Rngs, **model_kwargs) -> VGG:
 
 
 # The linen builders' names, each an NNX builder: vgg16(num_classes=10, rngs=nnx.Rngs(0)).
-vgg11 = functools.partial(build, "vgg11")
-vgg11_bn = functools.partial(build, "vgg11_bn")
-vgg11_lrn = functools.partial(build, "vgg11_lrn")
-vgg13 = functools.partial(build, "vgg13")
-vgg13_bn = functools.partial(build, "vgg13_bn")
-vgg16_c = functools.partial(build, "vgg16_c")
-vgg16 = functools.partial(build, "vgg16")
-vgg16_bn = functools.partial(build, "vgg16_bn")
-vgg19 = functools.partial(build, "vgg19")
-vgg19_bn = functools.partial(build, "vgg19_bn")
+globals().update({name: functools.partial(build, name) for name in models.VARIANTS})
 
-__all__ = ["VGG", "build", "from_pretrained", "from_variables", "to_variables", "vgg11", "vgg11_bn",
-           "vgg11_lrn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg16_c", "vgg19", "vgg19_bn"]
+__all__ = ["VGG", "build", "from_pretrained", "from_variables", "to_variables", *models.VARIANTS]

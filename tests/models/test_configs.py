@@ -167,3 +167,23 @@ def test_load_pretrained_reads_a_file_written_before_to_config(tmp_path):
     assert loaded == model
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     np.testing.assert_array_equal(loaded.apply(loaded_vars, x), model.apply(variables, x))
+
+
+def test_architecture_strings():
+    assert models.parse_config("vgg16") == "vgg16"
+    assert models.parse_config("8,LRN,M,16x1,m") == (8, "LRN", "M", (16, 1), "M")
+    with pytest.raises(ValueError, match="bad model.config entry 'Q'"):
+        models.parse_config("8,Q")
+
+
+def test_every_builder_name_comes_from_variants():
+    """vgg_flax, vgg_flax.models and vgg_flax.nnx export one builder per VARIANTS row, no other."""
+    import vgg_flax
+    from vgg_flax import nnx
+
+    names = set(models.VARIANTS)
+    for module in (vgg_flax, models, nnx):
+        assert {n for n in module.__all__ if n.startswith("vgg")} == names, module.__name__
+        for name, fields in models.VARIANTS.items():
+            builder = getattr(module, name)
+            assert builder.keywords == fields if module is not nnx else builder.args == (name,)

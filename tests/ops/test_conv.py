@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import vgg_flax
-from vgg_flax.ops import conv
+from vgg_flax.ops import conv, routing
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
@@ -31,7 +31,7 @@ def _data(n, h, w, c, d, k, dtype, seed=0):
 
 
 # VGG's conv shapes scaled down: the first conv (C=3), square and widening convs, odd sizes after
-# pools (7, 14 -> 7), config C's 1x1, and maps at or above conv._MIN_PIXELS (the blocked path).
+# pools (7, 14 -> 7), config C's 1x1, and maps at or above routing.BLOCKED_MIN_PIXELS (the blocked path).
 # 64+ channels on even maps of 4 to 56 px take Winograd (forward, input gradient; the filter gradient
 # from 128 input channels, up to 112 px); odd and 2 px maps with 64 channels keep XLA's conv.
 SHAPES = [(2, 64, 64, 3, 8, 3), (2, 56, 56, 16, 16, 3), (1, 60, 60, 8, 16, 3), (3, 57, 57, 4, 8, 3),
@@ -120,8 +120,8 @@ def test_winograd_equals_definition(shape):
 def test_winograd_only_where_measured_faster():
     """The routing the speed claims rest on: fp32, even sides >= 4, <= 56x56 px, 64+ channels."""
     f32, bf16 = jnp.float32, jnp.bfloat16
-    max_pixels = conv._WINOGRAD_MAX_PIXELS
-    fits = lambda shape, c, d, dt=f32: conv._winograd_fits(shape, c, d, dt, max_pixels=max_pixels)
+    max_pixels = routing.WINOGRAD_MAX_PIXELS
+    fits = lambda shape, c, d, dt=f32: routing.winograd_fits(shape, c, d, dt, max_pixels=max_pixels)
     assert fits((8, 56, 56, 256), 256, 256) and fits((32, 8, 8, 256), 256, 256)
     assert fits((8, 14, 14, 512), 512, 512) and fits((32, 32, 32, 64), 64, 64)
     assert not fits((8, 112, 112, 128), 128, 128)  # transforms cost more than they save

@@ -38,30 +38,22 @@ from vgg_flax.models.heads import (
 from vgg_flax.models.layers import DenseAsConv, adaptive_avg_pool, local_response_norm
 from vgg_flax.models.vgg import (
     CONFIG_FIELDS,
+    DTYPES,
     MODELS,
     PYRAMID_TAPS,
     VARIANTS,
     VGG,
     count_params,
     get_model,
-    vgg11,
-    vgg11_bn,
-    vgg11_lrn,
-    vgg13,
-    vgg13_bn,
-    vgg16,
-    vgg16_bn,
-    vgg16_c,
-    vgg19,
-    vgg19_bn,
 )
+
+globals().update(MODELS)  # the builders vgg11 ... vgg19_bn, one per VARIANTS row
 
 __all__ = [
     "CLASSIFIER_LAYERS", "CONFIG_ALIASES", "CONFIG_FIELDS", "CONFIGS", "FC_POOL_SIZE", "HEAD_SPECS",
     "HEADS", "Head", "MODELS", "PYRAMID_TAPS", "VARIANTS", "VGG", "DenseAsConv", "adaptive_avg_pool",
     "bn_name", "classifier_in", "classifier_layer", "count_params", "get_head", "get_model",
     "is_conv_layer", "is_feature_layer", "is_pool_layer", "last_width", "layer_names",
-    "local_response_norm", "parse_config", "relu_name", "resolve_config", "stage_name",
-    "vgg11", "vgg11_bn", "vgg11_lrn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg16_c", "vgg19",
-    "vgg19_bn",
+    "local_response_norm", "parse_config", "relu_name", "resolve_config", "stage_name", "DTYPES",
+    *MODELS,
 ]

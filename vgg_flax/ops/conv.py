@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vgg_flax.ops import routing
 from vgg_flax.ops.routing import conv_route
 
 CONV_IMPLS = ("auto", "xla", "cpu")
@@ -38,10 +37,6 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 # Rows of the im2col block (N * R * W) to aim for: small enough for the block's patches to stay in
 # L3, large enough for each matmul to run near peak (measured in docs/PERFORMANCE.md).
 _TARGET_BLOCK_ROWS = 2048
-# The routing plan's names that tests/ops/test_conv.py reads here.
-_MIN_PIXELS = routing.BLOCKED_MIN_PIXELS
-_WINOGRAD_MAX_PIXELS = routing.WINOGRAD_MAX_PIXELS
-_winograd_fits = routing.winograd_fits
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
