@@ -239,9 +239,11 @@ class Checkpoints:
         self._manager = self._open()
 
     def read_state_numpy(self, step: int) -> dict:
-        """The saved state at `step` as nested dicts of numpy arrays, on any number of devices."""
+        """The saved state at `step` as nested dicts of arrays, read onto this process's first device
+        whatever devices and processes wrote it (the saved shardings name the writers' devices)."""
         ocp = _ocp()
-        item = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        item = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                                       self._state_metadata(step))
         with _tidy_reads():
             out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item)))
