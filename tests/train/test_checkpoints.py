@@ -79,3 +79,21 @@ def test_config_json_is_the_whole_config_and_round_trips(run):
     assert again == config and again.data.scale_range == (40, 48)
     model, _ = checkpoints.load_for_inference(workdir)
     assert model == checkpoints.model_from_config(config.model.to_dict(), num_classes=3, dtype="float32")
+
+
+def test_a_step_saved_between_evaluations_warns_nothing_and_ranks_below_evaluated_ones(tmp_path, caplog):
+    """orbax warns "Requested `tracked_metric`; did not provide metrics." at each save without
+    metrics once the best step is tracked; such a step is saved with {} and is never the best while
+    an evaluated step is kept (and is the best only when no kept step was evaluated)."""
+    import jax.numpy as jnp
+
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=1, async_save=False)
+    try:
+        ckpt.save(1, {"w": jnp.ones(2)}, {"num_classes": 3})
+        assert ckpt.best_step() == 1  # nothing evaluated yet: the latest
+        ckpt.save(2, {"w": jnp.ones(2)}, {"num_classes": 3}, {"eval_top1": 0.0})
+        ckpt.save(3, {"w": jnp.ones(2)}, {"num_classes": 3})
+        assert ckpt.all_steps() == [2, 3] and ckpt.best_step() == 2
+    finally:
+        ckpt.close()
+    assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()], caplog.text
