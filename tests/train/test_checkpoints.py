@@ -135,3 +135,19 @@ def test_a_failed_orbax_read_leaves_no_pending_task(monkeypatch):
     gc.collect()
     assert [str(u.exc_value) for u in unraisable] == []
     assert asyncio.get_event_loop_policy() is policy  # put back
+
+
+def test_a_step_saved_between_evaluations_warns_nothing_and_ranks_below_evaluated_ones(tmp_path, caplog):
+    """orbax warns "Requested `tracked_metric`; did not provide metrics." at each save without
+    metrics once the best step is tracked; such a step is saved with {} and is never the best while
+    an evaluated step is kept (and is the best only when no kept step was evaluated)."""
+    ckpt = checkpoints.Checkpoints(str(tmp_path), keep=1, async_save=False)
+    try:
+        ckpt.save(1, {"w": jnp.ones(2)}, {"num_classes": 3})
+        assert ckpt.best_step() == 1  # nothing evaluated yet: the latest
+        ckpt.save(2, {"w": jnp.ones(2)}, {"num_classes": 3}, {"eval_top1": 0.0})
+        ckpt.save(3, {"w": jnp.ones(2)}, {"num_classes": 3})
+        assert ckpt.all_steps() == [2, 3] and ckpt.best_step() == 2
+    finally:
+        ckpt.close()
+    assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()], caplog.text

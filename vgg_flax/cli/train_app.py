@@ -13,8 +13,10 @@ workdir)`.
 path. Re-running the same command resumes from the newest checkpoint in --workdir. On SIGTERM/SIGINT
 the run checkpoints the step it is at, says so in one line and exits with 128 + the signal number
 (143, 130; a Ctrl-C before the first step or after the last save has nothing to save: one line,
-130). A mistake (bad config value, unknown dataset, a workdir another program is training in, a NaN
-loss) ends in one line and exit status 2 (`--debug`: the traceback).
+130); with several processes all of them stop at one step, each saying so (143 on a process the
+signal reached through another host). Processes other than 0 print errors only. A mistake (bad
+config value, unknown dataset, a workdir another program is training in, a NaN loss) ends in one
+line and exit status 2 (`--debug`: the traceback).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import signal
 import sys
 from collections.abc import Callable
 
+import jax
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vgg_flax import configs as packaged_configs
@@ -91,6 +95,34 @@ def quiet_console(verbose: bool) -> None:
     py_logging.getLogger().setLevel(py_logging.WARNING)
 
 
+def quiet_distributed(verbose: bool) -> None:
+    """After `jax.distributed.initialize`: processes other than 0 show errors only (process 0
+    prints the run's console for all), and the CPU collectives' connection line ("[Gloo] Rank N is
+    connected to ...", printed by the C++ library on stdout) goes nowhere: its one connection is
+    made here, on an all-device barrier, with file descriptor 1 on /dev/null."""
+    if verbose or jax.process_count() == 1:
+        return
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.ERROR)
+        py_logging.getLogger().setLevel(py_logging.ERROR)
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        multihost_utils.sync_global_devices("vgg_flax_connect")
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _say(message: str) -> None:
+    """`message` as a warning on every process, also where only errors show (`quiet_distributed`):
+    each host's log names the step its run stopped at."""
+    logging.set_verbosity(max(logging.get_verbosity(), logging.WARNING))
+    logging.warning("%s", message)
+
+
 def _train() -> int:
     training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     return 0
@@ -102,10 +134,10 @@ def exit_status(train: Callable[[], int], *, debug: bool = False) -> int:
     try:
         return errors.run_command("train", train, debug=debug)
     except training.Interrupted as stop:
-        logging.warning("%s", stop)
+        _say(str(stop))
         return 128 + stop.signum
     except KeyboardInterrupt:  # outside the training steps (setup, compilation, the final save's end)
-        logging.warning("stopped by signal %d outside the training steps: nothing unsaved", signal.SIGINT)
+        _say(f"stopped by signal {signal.SIGINT:d} outside the training steps: nothing unsaved")
         return 128 + signal.SIGINT
 
 
@@ -116,6 +148,7 @@ def main(argv: list[str]) -> None:
     cache = perf.enable_compilation_cache()  # a restarted run loads its compiled steps from disk
     logging.info("compilation cache: %s", cache or "off")
     parallel.initialize_distributed(FLAGS.distributed or "JAX_COORDINATOR_ADDRESS" in os.environ)
+    quiet_distributed(FLAGS.verbose)
     logging.info("config:\n%s", FLAGS.config)
     sys.exit(exit_status(_train, debug=FLAGS.debug))
 

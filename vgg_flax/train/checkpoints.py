@@ -123,12 +123,11 @@ class Checkpoints:
         policies = ocp.checkpoint_managers
         preserve = policies.AnyPreservationPolicy([
             policies.LatestN(n=self.keep),
-            policies.BestN(get_metric_fn=lambda m: m["eval_top1"], reverse=False, n=1,
-                           keep_checkpoints_without_metrics=False)])
+            policies.BestN(get_metric_fn=_top1, reverse=False, n=1, keep_checkpoints_without_metrics=False)])
         # best_fn makes orbax write each step's metrics to disk, so the best step is still known
         # (and kept) after a restart; retention itself is `preserve`.
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=preserve, best_fn=lambda m: m["eval_top1"], best_mode="max",
+            preservation_policy=preserve, best_fn=_top1, best_mode="max",
             enable_async_checkpointing=self.async_save,
             cleanup_tmp_directories=True, create=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
@@ -149,12 +148,17 @@ class Checkpoints:
         return self._manager.best_step()
 
     def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
-        """Starts saving `state` at `step` (returns before the write ends when async)."""
+        """Starts saving `state` at `step` (returns before the write ends when async).
+
+        metrics: {"eval_top1": ...} when the step was evaluated. A step saved between evaluations
+        gets {} (ranked below every evaluated step, `_top1`): orbax warns at every save given no
+        metrics once a `best_fn` is set.
+        """
         ocp = _ocp()
         if step in self._manager.all_steps():
             return
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._manager.save(step, args=args, metrics=metrics, force=True)
+        self._manager.save(step, args=args, metrics=metrics or {}, force=True)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -236,13 +240,20 @@ class Checkpoints:
         self._manager = self._open()
 
     def read_state_numpy(self, step: int) -> dict:
-        """The saved state at `step` as nested dicts of numpy arrays, on any number of devices."""
+        """The saved state at `step` as nested dicts of arrays, read onto this process's first device
+        whatever devices and processes wrote it (the saved shardings name the writers' devices)."""
         ocp = _ocp()
-        item = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        item = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                                       self._state_metadata(step))
         with _tidy_reads():
             out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item)))
         return out["state"]
+
+
+def _top1(metrics: dict) -> float:
+    """A saved step's rank for retention and `best_step`: its eval top-1, -inf when not evaluated."""
+    return float(metrics.get("eval_top1", -np.inf))
 
 
 def _key_name(key: Any) -> str:

@@ -4,7 +4,8 @@ One run: check everything that can be checked before compute (each config sectio
 the batch against the device count, the dataset, the class count against starting weights), build the
 model, optimizer and a replicated TrainState, resume from the newest readable checkpoint, then loop:
 a jitted `train_step` per global batch, evaluation every `eval.every_steps` (feeding the plateau
-rule), checkpoints every `checkpoints.every_steps`, at the end and on SIGTERM/SIGINT. The data order
+rule), checkpoints every `checkpoints.every_steps`, at the end and on SIGTERM/SIGINT (on several
+processes at one step that all of them agree on, `_StopFlag`). The data order
 is a function of (seed, step) and dropout keys are folded from (seed, step), so a run killed at any
 moment and restarted with the same command ends with the same parameters as one never interrupted.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from vgg_flax import evaluation, parallel
@@ -280,15 +283,28 @@ def _flush(run: Run, pending: list, start_time: float, logger) -> float:
 
 
 class _StopFlag:
-    """Records SIGTERM/SIGINT so the loop can checkpoint and stop between steps."""
+    """SIGTERM/SIGINT: checkpoint and stop between steps, at the same step on every process.
+
+    One process: Python handlers record the signal and the loop stops after the step it is in.
+    Several processes (jax.distributed): each host gets its maintenance SIGTERM at its own moment,
+    and a process that stopped on its own would enter the checkpoint save (a collective) while the
+    others enter the next step's all-reduce, and the run would hang. So SIGTERM is left to JAX's
+    preemption notifier, a C signal handler that `jax.distributed.initialize` installs (a Python
+    handler would replace it), which tells the coordination service; every process then learns the
+    same stop step from `multihost_utils.reached_preemption_sync_point`: the fastest process's step
+    count + 1 (TSL's PreemptionSyncManager). SIGINT, which the notifier does not watch, is recorded
+    and handed on to it as a SIGTERM to this process.
+    """
 
     def __init__(self):
         self.signum = 0
         self._old = {}
+        self._synced = False
 
     def __enter__(self):
+        self._synced = _preemption_sync_available()
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGINT,) if self._synced else (signal.SIGTERM, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not the main thread: leave signals alone
             pass
@@ -296,10 +312,33 @@ class _StopFlag:
 
     def _handle(self, signum, _frame):
         self.signum = signum
+        if self._synced:
+            os.kill(os.getpid(), signal.SIGTERM)  # to the preemption notifier
+
+    def stop_signal(self, count: int) -> int:
+        """The signal to stop with after this run's `count`-th step (0: go on); called every step,
+        with the same counts on every process (counting from 1 at the step after the resumed one)."""
+        if not self._synced:
+            return self.signum
+        if multihost_utils.reached_preemption_sync_point(count):
+            return self.signum or signal.SIGTERM  # the processes that got no signal stop as by SIGTERM
+        return 0
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _preemption_sync_available() -> bool:
+    """Whether the processes can agree on a stop step (several processes, preemption service on)."""
+    if jax.process_count() == 1:
+        return False
+    try:
+        multihost_utils.reached_preemption_sync_point(0)  # step counts start at 1
+    except RuntimeError as err:  # jax_enable_preemption_service is off
+        logging.warning("%s: a SIGTERM stops only the process that gets it, and the others hang", err)
+        return False
+    return True
 
 
 def _eval_and_plateau(run: Run, state, logger):
@@ -331,17 +370,18 @@ def _steps(run: Run, state, logger, stop: _StopFlag, batches, start: int, last: 
         pending.append((step, metrics))
         do_eval = step % run.eval.every_steps == 0 or step == last
         do_save = run.ckpt.due(step, last)
-        if step % run.log.every_steps == 0 or do_eval or do_save or stop.signum:
+        signum = stop.stop_signal(step - start)
+        if step % run.log.every_steps == 0 or do_eval or do_save or signum:
             t0 = _flush(run, pending, t0, logger)
         eval_metrics = None
         if do_eval:
             state, eval_metrics = _eval_and_plateau(run, state, logger)
-        if do_save or stop.signum:
+        if do_save or signum:
             best = {"eval_top1": eval_metrics["eval_top1"]} if eval_metrics else None
             run.ckpt.save(step, state, _meta(run), best)
-        if stop.signum:
+        if signum:
             run.ckpt.wait()
-            raise Interrupted(stop.signum, step)
+            raise Interrupted(signum, step)
         if do_eval:
             t0 = time.time()  # evaluation time is not training throughput
     return state
