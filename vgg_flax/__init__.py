@@ -6,6 +6,7 @@ from vgg_flax.convert import (
     list_pretrained,
     load_pretrained,
     load_torchvision,
+    load_weights,
     save_pretrained,
     to_torchvision,
 )
@@ -39,7 +40,7 @@ _MOVED = {
     "input_pipeline": "vgg_flax.data.pipeline", "metrics_log": "vgg_flax.train.metrics_log",
     "optim": "vgg_flax.train.optim", "steps": "vgg_flax.train.steps",
     "torch_check": "vgg_flax.convert.torch_check", "training": "vgg_flax.train.loop",
-    "warm_start": "vgg_flax.train.warm_start", "weights": "vgg_flax.convert.weights",
+    "warm_start": "vgg_flax.train.warm_start",
     # Faces imported on first use (not moved): vgg_flax.nnx, vgg_flax.perceptual.
     "nnx": "vgg_flax.nnx", "perceptual": "vgg_flax.perceptual",
 }
@@ -57,5 +58,5 @@ __all__ = [
     "get_model", "local_response_norm", "vgg11", "vgg11_bn", "vgg11_lrn", "vgg13", "vgg13_bn",
     "vgg16", "vgg16_bn", "vgg16_c", "vgg19", "vgg19_bn",
     "ConversionError", "from_pretrained", "list_pretrained", "load_torchvision", "to_torchvision",
-    "load_pretrained", "save_pretrained",
+    "load_pretrained", "load_weights", "save_pretrained",
 ]

@@ -88,7 +88,7 @@ def server():
 @pytest.fixture
 def slim_entry(slim, server, monkeypatch):
     """A registry entry "slim" whose file the local server serves through VGG_FLAX_MIRROR."""
-    entry = registry.Pretrained("slim", "vgg11_bn", slim["file"], 0, 1.0, 2.0, 0.0, 1.0, "torchvision")
+    entry = registry.Pretrained("slim", "vgg11_bn", slim["file"], 0, 1.0, 2.0, 0.0, 1.0, "torchvision", "torchvision")
     monkeypatch.setitem(registry.REGISTRY, "slim", entry)
     monkeypatch.setenv("VGG_FLAX_MIRROR", server.url + "/mirror")
     server.files["/mirror/" + slim["file"]] = slim["data"]
@@ -225,7 +225,7 @@ def test_fine_tune_from_a_registry_name(env, server, monkeypatch):
     data, prefix = _file_bytes(_reference(seed=5, **fields).state_dict(), legacy=False)
     name = f"tiny-{prefix}.pth"
     monkeypatch.setitem(registry.REGISTRY, "tiny", registry.Pretrained(
-        "tiny", "vgg11_bn", name, 0, 0.0, 0.0, 0.0, 0.0, "torchvision"))
+        "tiny", "vgg11_bn", name, 0, 0.0, 0.0, 0.0, 0.0, "torchvision", "torchvision"))
     monkeypatch.setenv("VGG_FLAX_MIRROR", server.url)
     server.files["/" + name] = data
     config = tiny_config(**{"model.config": "A", "model.head": "torchvision", "model.fc_width": 16,

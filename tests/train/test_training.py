@@ -420,7 +420,7 @@ def test_architecture_strings():
 
 def test_fine_tune_from_pretrained_file_new_head(tmp_path):
     """A save_pretrained file (as `vgg-flax convert` writes) with 3 classes into a 5-class run."""
-    from vgg_flax.convert import weights
+    from vgg_flax.convert import format as weights
 
     src = _train(tmp_path / "src", num_train_steps=1)
     model, _ = checkpoints.load_for_inference(str(tmp_path / "src"))

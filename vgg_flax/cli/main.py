@@ -2,7 +2,7 @@
 
 Subcommands:
   models    list the configs and builders with their parameter counts
-  convert   torchvision/timm weights (.pth, .safetensors) into a vgg-flax weights file
+  convert   torchvision/timm/Keras weights (.pth, .safetensors, .h5) into a vgg-flax weights file
   weights   pretrained weights by name: list them, download (and convert) them into the cache
   predict   top-5 ImageNet classes of image files with pretrained or converted weights
   eval      top-1/top-5 with the paper's test protocols over a TFDS split or an image folder
@@ -37,12 +37,11 @@ def _models(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from vgg_flax.convert import torch_check
-    from vgg_flax.convert import torchvision as convert
+    from vgg_flax.convert import engine, torch_check
 
     has_torch = importlib.util.find_spec("torch") is not None
     check = torch_check.self_check if has_torch and not args.no_check else None
-    r = convert.convert_file(args.src, args.dst, head=args.head, verify_hash=not args.no_verify_hash,
+    r = engine.convert_file(args.src, args.dst, head=args.head, verify_hash=not args.no_verify_hash,
                              check=check)
     if r["hash_prefix"]:
         print(f"sha256 {r['sha256']}: matches the prefix {r['hash_prefix']} in the file name")
@@ -116,10 +115,10 @@ def _eval_source(args: argparse.Namespace):
         return model, variables, {"normalization": meta["preprocessing"], "split": "validation",
                                   "image_size": 224, "data_dir": None, "dataset": None}
     if args.weights:
-        from vgg_flax.convert import weights
+        from vgg_flax.convert import format as wformat
 
-        model, variables = weights.load_pretrained(args.weights)
-        meta = weights.pretrained_metadata(args.weights)
+        model, variables = wformat.load_pretrained(args.weights)
+        meta = wformat.pretrained_metadata(args.weights)
         return model, variables, {"normalization": meta["preprocessing"], "split": "validation",
                                   "image_size": 224, "data_dir": None, "dataset": None}
     from vgg_flax.train import checkpoints
@@ -184,10 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="default: WORKDIR/curves.png")
     p.set_defaults(func=_plot)
 
-    p = sub.add_parser("convert", help="convert torchvision/timm VGG weights to a vgg-flax file")
-    p.add_argument("src", help="a .pth/.pt/.bin or .safetensors state dict")
+    p = sub.add_parser("convert", help="convert torchvision/timm/Keras VGG weights to a vgg-flax file")
+    p.add_argument("src", help="a .pth/.pt/.bin or .safetensors state dict, or a Keras .h5 file")
     p.add_argument("dst", help="the .safetensors file to write (weights, config, preprocessing)")
-    p.add_argument("--head", default="torchvision", choices=("torchvision", "dense", "none"))
+    p.add_argument("--head", default="torchvision", help="torchvision, dense or none (features)")
     p.add_argument("--no-verify-hash", action="store_true",
                    help="skip the sha256 check of a hash prefix in the file name")
     p.add_argument("--no-check", action="store_true", help="skip the self-check against torch")
