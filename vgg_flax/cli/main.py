@@ -91,6 +91,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     if bool(args.weights) == bool(args.model):
         raise SystemExit("vgg-flax predict: give exactly one of --weights and --model")
+    predict.check_images(args.images)  # before any weights are downloaded or read
     if args.model:
         model, variables, meta = pretrained.from_pretrained(args.model, return_metadata=True)
         results = predict.predict_with(model, variables, meta, args.images, k=args.top_k,
