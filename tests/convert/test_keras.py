@@ -6,6 +6,8 @@ Random weights (Keras's initialisers, biases made non-zero), fp32. The models wi
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ from vgg_flax.data.classes import imagenet_classes
 keras = pytest.importorskip("keras")  # tests/conftest.py loads torch before TensorFlow
 h5py = pytest.importorskip("h5py")
 REL_TOL = 1e-5  # max abs error relative to max |reference| (fp32)
-FORMATS = ("weights.h5", "model.h5", "legacy.h5")
+FORMATS = ("weights.h5", "model.h5", "legacy.h5", "model.keras")
 
 
 def _rel_err(got, expected):
@@ -37,25 +39,32 @@ def _randomize_biases(model, seed):
     return model
 
 
-def _save(model, directory, stem):
-    """The weights in each file Keras writes: Keras 3's `save_weights`, `save(".h5")`, and the legacy
-    weights-only HDF5 layout of the files keras.applications downloads (Keras's own writer)."""
+def _save(model, directory, stem, formats=FORMATS):
+    """The weights in each file Keras writes: Keras 3's `save_weights`, `save(".h5")`, the legacy
+    weights-only HDF5 layout of the files keras.applications downloads (Keras's own writer), and
+    `save(".keras")`."""
     from keras.src.legacy.saving import legacy_h5_format
 
-    files = dict(zip(FORMATS, (directory / f"{stem}.weights.h5", directory / f"{stem}.h5",
-                               directory / f"{stem}_legacy.h5"), strict=True))
-    model.save_weights(files["weights.h5"])
-    model.save(files["model.h5"])
-    with h5py.File(files["legacy.h5"], "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    def legacy(path):
+        with h5py.File(path, "w") as f:
+            legacy_h5_format.save_weights_to_hdf5_group(f, model)
+
+    writers = {"weights.h5": (".weights.h5", model.save_weights), "model.h5": (".h5", model.save),
+               "legacy.h5": ("_legacy.h5", legacy), "model.keras": (".keras", model.save)}
+    files = {}
+    for fmt in formats:
+        suffix, write = writers[fmt]
+        files[fmt] = directory / f"{stem}{suffix}"
+        write(files[fmt])
     return files
 
 
 @pytest.fixture(scope="module")
 def top(tmp_path_factory):
-    """VGG16 with its top (logits: no softmax), its three files, and Keras's logits for one image."""
+    """VGG16 with its top (logits: no softmax), two files (the other formats are tested without the
+    top, where they cost less), and Keras's logits for one image."""
     model = _randomize_biases(keras.applications.VGG16(weights=None, classifier_activation=None), 0)
-    files = _save(model, tmp_path_factory.mktemp("keras_top"), "vgg16")
+    files = _save(model, tmp_path_factory.mktemp("keras_top"), "vgg16", ("weights.h5", "legacy.h5"))
     pixels = np.random.default_rng(1).uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)
     caffe = keras.applications.vgg16.preprocess_input(pixels.copy())
     return {"model": model, "files": files, "pixels": pixels,
@@ -89,8 +98,8 @@ def test_vgg16_with_top_gives_keras_logits_from_every_file(top):
                                                                                  "torchvision")
         assert meta["preprocessing"] == "caffe", fmt
         loaded[fmt] = wformat.flatten_variables(variables)
-    first = loaded[FORMATS[0]]
-    for fmt in FORMATS[1:]:
+    first = loaded["weights.h5"]
+    for fmt in loaded:
         assert loaded[fmt].keys() == first.keys()
         assert all(np.array_equal(loaded[fmt][k], v) for k, v in first.items()), fmt
     model, variables = vgg_flax.load_weights(top["files"]["weights.h5"])
@@ -144,6 +153,10 @@ def test_malformed_files_are_one_clear_error(features, tmp_path, capsys):
     text.write_text("not weights")
     with pytest.raises(ConversionError, match="notes.h5: not a readable HDF5 file"):
         vgg_flax.load_weights(text, head="none")
+    archive = tmp_path / "notes.keras"
+    archive.write_text("not a zip")
+    with pytest.raises(ConversionError, match="notes.keras: not a .keras archive holding model.weights.h5"):
+        vgg_flax.load_weights(archive, head="none")
     missing = _copy(files["weights.h5"], tmp_path)
     with h5py.File(missing, "r+") as f:
         name = next(k for k, g in f["layers"].items() if g["vars"].attrs.get("name") == "block3_conv2")
@@ -167,3 +180,14 @@ def test_malformed_files_are_one_clear_error(features, tmp_path, capsys):
     assert cli.main(["convert", str(text), str(tmp_path / "out.safetensors"), "--head", "none"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a readable HDF5 file" in err and "Traceback" not in err
+
+
+def test_h5_files_need_h5py_only_and_only_when_read(features):
+    code = ("import sys; sys.modules['tensorflow'] = sys.modules['keras'] = None  # imports now fail\n"
+            "import vgg_flax\n"
+            "before = 'h5py' in sys.modules\n"
+            f"m, v = vgg_flax.load_weights({str(features['vgg16']['files']['weights.h5'])!r}, head='none')\n"
+            "print(m.config, before, 'h5py' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["D", "False", "True"]

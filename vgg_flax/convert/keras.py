@@ -7,6 +7,7 @@ the NHWC row order our fc1 keeps. The weights are the original Caffe VGG's: "caf
 
     .weights.h5   Keras 3 `model.save_weights`: layers/<object name>/vars/{0, 1}, the layer's name
                   in the vars group's "name" attribute
+    .keras        Keras 3 `model.save("x.keras")`: a zip whose model.weights.h5 is laid out as above
     .h5           legacy HDF5 (`model.save("x.h5")`, Keras 2 `save_weights`, the files
                   keras.applications downloads): [model_weights/]<layer>/<weight names>, listed by
                   the "layer_names" and "weight_names" attributes
@@ -18,8 +19,10 @@ its image classifier head (a 7x7 conv before 2026) differ, and no file was at ha
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,7 +32,8 @@ from vgg_flax.convert.errors import ConversionError
 from vgg_flax.convert.rules import Architecture, Layout, Rule
 from vgg_flax.models import CONFIGS, FC_POOL_SIZE, classifier_layer, is_conv_layer, last_width, layer_names
 
-SUFFIXES = (".h5", ".hdf5")
+SUFFIXES = (".h5", ".hdf5", ".keras")
+_ARCHIVE_WEIGHTS = "model.weights.h5"  # inside a .keras zip
 _VAR_NAMES = ("kernel", "bias")  # the order of a Conv2D's / Dense's weights
 _CONV = re.compile(r"^conv(\d+)_(\d+)$")
 _KERAS_CONV = re.compile(r"^block\d+_conv\d+/")
@@ -37,7 +41,7 @@ _HEAD = {"fc1": "fc1", "fc2": "fc2", classifier_layer("torchvision"): "predictio
 
 
 def read_h5(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """{"block1_conv1/kernel": array, ...} of a Keras `.weights.h5` or legacy `.h5` file."""
+    """{"block1_conv1/kernel": array, ...} of a Keras `.weights.h5`, `.keras` or legacy `.h5` file."""
     path = os.fspath(path)
     try:
         import h5py
@@ -46,7 +50,7 @@ def read_h5(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no weight file at {path}")
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(_archived(path) if path.endswith(".keras") else path, "r") as f:
             if "layers" in f and "layer_names" not in f.attrs:
                 state = _read_keras3(f["layers"])
             else:
@@ -59,6 +63,15 @@ def read_h5(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not state:
         raise ConversionError(f"{path}: the HDF5 file holds no Keras layer weights")
     return state
+
+
+def _archived(path: str) -> io.BytesIO:
+    """The model.weights.h5 of a .keras zip, in memory (h5py reads file-like objects)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return io.BytesIO(archive.read(_ARCHIVE_WEIGHTS))
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise ConversionError(f"{path}: not a .keras archive holding {_ARCHIVE_WEIGHTS} ({e})") from e
 
 
 def _named(layer: str, values: list[Any]) -> dict[str, np.ndarray]:
