@@ -164,7 +164,7 @@ def test_digits_test_split_is_counted_exactly(tmp_path):
 
 def test_cli_eval_prints_and_saves_the_table(tiny, image_folder, tmp_path, capsys):
     from vgg_flax import cli
-    from vgg_flax.convert.weights import save_pretrained
+    from vgg_flax.convert.format import save_pretrained
 
     model, variables = tiny
     weights = tmp_path / "tiny.safetensors"

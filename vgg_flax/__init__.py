@@ -6,6 +6,7 @@ from vgg_flax.convert import (
     list_pretrained,
     load_pretrained,
     load_torchvision,
+    load_weights,
     save_pretrained,
     to_torchvision,
 )
@@ -31,5 +32,5 @@ __all__ = [
     "CONFIGS", "HEADS", "MODELS", "PYRAMID_TAPS", "VGG", "adaptive_avg_pool", "count_params",
     "get_model", "local_response_norm", *MODELS,
     "ConversionError", "from_pretrained", "list_pretrained", "load_torchvision", "to_torchvision",
-    "load_pretrained", "save_pretrained", "nnx", "perceptual",
+    "load_pretrained", "load_weights", "save_pretrained", "nnx", "perceptual",
 ]

@@ -16,6 +16,19 @@ from vgg_flax import preprocessing
 from vgg_flax.convert import format as wformat
 
 
+def check_images(paths: list[str | os.PathLike]) -> None:
+    """Raises for the first path that is missing or not an image PIL decodes, naming it.
+
+    Cheap (PIL reads the header and verifies the file), so callers run it before fetching weights:
+    a typo costs no download.
+    """
+    from PIL import Image
+
+    for path in paths:
+        with Image.open(path) as img:  # FileNotFoundError / UnidentifiedImageError name the file
+            img.verify()
+
+
 def load_image(path: str | os.PathLike, norm: preprocessing.Normalization) -> np.ndarray:
     """One image file as the network input float32[crop, crop, 3], torchvision's eval transform.
 

@@ -15,7 +15,7 @@ import pytest
 import vgg_flax
 from vgg_flax import cli
 from vgg_flax.cli import train_app
-from vgg_flax.convert.weights import save_pretrained
+from vgg_flax.convert.format import save_pretrained
 from vgg_flax.train import lock
 from vgg_flax.train import loop as training
 

@@ -88,7 +88,8 @@ def server():
 @pytest.fixture
 def slim_entry(slim, server, monkeypatch):
     """A registry entry "slim" whose file the local server serves through VGG_FLAX_MIRROR."""
-    entry = registry.Pretrained("slim", "vgg11_bn", slim["file"], 0, 1.0, 2.0, 0.0, 1.0, "torchvision")
+    entry = registry.Pretrained("slim", "vgg11_bn", slim["file"], 0, 1.0, 2.0, 0.0, 1.0, "torchvision",
+                                "torchvision")
     monkeypatch.setitem(registry.REGISTRY, "slim", entry)
     monkeypatch.setenv("VGG_FLAX_MIRROR", server.url + "/mirror")
     server.files["/mirror/" + slim["file"]] = slim["data"]
@@ -125,6 +126,28 @@ def test_substituted_file_is_refused_and_nothing_is_cached(env, server, slim, sl
                                               rf"does not start with the expected {slim['prefix']}"):
         vgg_flax.from_pretrained("slim", progress=False)
     assert _files_under(env / "cache") == []
+
+
+def test_file_in_downloads_is_hash_checked_and_left_in_place(env, server, slim, slim_entry):
+    place = env / "cache" / "downloads" / slim["file"]  # placed by hand, or left by a cut conversion
+    place.parent.mkdir(parents=True)
+    other, _ = _file_bytes(_reference(seed=3).state_dict())
+    place.write_bytes(other)
+    found = __import__("hashlib").sha256(other).hexdigest()
+    with pytest.raises(ConversionError, match=rf"^{place}: sha256 {found} does not start with the expected "
+                                              rf"{slim['prefix']}: .*left in place"):
+        vgg_flax.from_pretrained("slim", progress=False)
+    assert place.read_bytes() == other and server.requests == []
+    assert _files_under(env / "cache") == [f"downloads/{slim['file']}"]
+
+
+def test_predict_checks_its_images_before_any_download(env, server, slim, slim_entry, capsys):
+    notes = env / "notes.txt"
+    notes.write_text("not an image")
+    assert cli.main(["predict", "--model", "slim", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot identify image file" in err and str(notes) in err
+    assert server.requests == [] and _files_under(env / "cache") == []
 
 
 def test_cut_download_leaves_no_weights_and_resumes_with_range(env, server, slim, slim_entry):
@@ -225,7 +248,7 @@ def test_fine_tune_from_a_registry_name(env, server, monkeypatch):
     data, prefix = _file_bytes(_reference(seed=5, **fields).state_dict(), legacy=False)
     name = f"tiny-{prefix}.pth"
     monkeypatch.setitem(registry.REGISTRY, "tiny", registry.Pretrained(
-        "tiny", "vgg11_bn", name, 0, 0.0, 0.0, 0.0, 0.0, "torchvision"))
+        "tiny", "vgg11_bn", name, 0, 0.0, 0.0, 0.0, 0.0, "torchvision", "torchvision"))
     monkeypatch.setenv("VGG_FLAX_MIRROR", server.url)
     server.files["/" + name] = data
     config = tiny_config(**{"model.config": "A", "model.head": "torchvision", "model.fc_width": 16,

@@ -10,7 +10,7 @@ import pytest
 
 from vgg_flax import models
 from vgg_flax.convert import to_torchvision
-from vgg_flax.convert.weights import ConversionError
+from vgg_flax.convert.errors import ConversionError
 from vgg_flax.models import VGG
 
 TINY = (8, "M", 8, "LRN", "M", (8, 1), 8, "M", 8, "M", 16, "M")
@@ -151,7 +151,7 @@ def test_builders_come_from_the_one_table():
 def test_load_pretrained_reads_a_file_written_before_to_config(tmp_path):
     from safetensors.numpy import save_file
 
-    from vgg_flax.convert import weights
+    from vgg_flax.convert import format as weights
 
     model = VGG(config=TINY, batch_norm=True, head="small", num_classes=3, small_head_width=0)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

@@ -76,7 +76,7 @@ def test_paper_warm_start_copies_first_four_convs_and_fcs(tmp_path):
 
 def test_fine_tune_from_pretrained_file_new_head(tmp_path):
     """A save_pretrained file (as `vgg-flax convert` writes) with 3 classes into a 5-class run."""
-    from vgg_flax.convert import weights
+    from vgg_flax.convert import format as weights
 
     src = train(tmp_path / "src", num_train_steps=1)
     model, _ = checkpoints.load_for_inference(str(tmp_path / "src"))

@@ -2,7 +2,7 @@
 
 Subcommands:
   models    list the configs and builders with their parameter counts
-  convert   torchvision/timm weights (.pth, .safetensors) into a vgg-flax weights file
+  convert   torchvision/timm/Keras weights (.pth, .safetensors, .h5) into a vgg-flax weights file
   weights   pretrained weights by name: list them, download (and convert) them into the cache
   predict   top-5 ImageNet classes of image files with pretrained or converted weights
   eval      top-1/top-5 with the paper's test protocols over a TFDS split or an image folder
@@ -38,12 +38,11 @@ def _models(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from vgg_flax.convert import torch_check
-    from vgg_flax.convert import torchvision as convert
+    from vgg_flax.convert import engine, torch_check
 
     has_torch = importlib.util.find_spec("torch") is not None
     check = torch_check.self_check if has_torch and not args.no_check else None
-    r = convert.convert_file(args.src, args.dst, head=args.head, verify_hash=not args.no_verify_hash,
+    r = engine.convert_file(args.src, args.dst, head=args.head, verify_hash=not args.no_verify_hash,
                              check=check)
     if r["hash_prefix"]:
         print(f"sha256 {r['sha256']}: matches the prefix {r['hash_prefix']} in the file name")
@@ -93,6 +92,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     if bool(args.weights) == bool(args.model):
         raise SystemExit("vgg-flax predict: give exactly one of --weights and --model")
+    predict.check_images(args.images)  # before any weights are downloaded or read
     if args.model:
         model, variables, meta = pretrained.from_pretrained(args.model, return_metadata=True)
         results = predict.predict_with(model, variables, meta, args.images, k=args.top_k,
@@ -117,10 +117,10 @@ def _eval_source(args: argparse.Namespace):
         return model, variables, {"normalization": meta["preprocessing"], "split": "validation",
                                   "image_size": 224, "data_dir": None, "dataset": None}
     if args.weights:
-        from vgg_flax.convert import weights
+        from vgg_flax.convert import format as wformat
 
-        model, variables = weights.load_pretrained(args.weights)
-        meta = weights.pretrained_metadata(args.weights)
+        model, variables = wformat.load_pretrained(args.weights)
+        meta = wformat.pretrained_metadata(args.weights)
         return model, variables, {"normalization": meta["preprocessing"], "split": "validation",
                                   "image_size": 224, "data_dir": None, "dataset": None}
     from vgg_flax.train import checkpoints, workdir
@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="default: WORKDIR/curves.png")
     p.set_defaults(func=_plot)
 
-    p = sub.add_parser("convert", help="convert torchvision/timm VGG weights to a vgg-flax file")
-    p.add_argument("src", help="a .pth/.pt/.bin or .safetensors state dict")
+    p = sub.add_parser("convert", help="convert torchvision/timm/Keras VGG weights to a vgg-flax file")
+    p.add_argument("src", help="a .pth/.pt/.bin or .safetensors state dict, or a Keras .h5 file")
     p.add_argument("dst", help="the .safetensors file to write (weights, config, preprocessing)")
     p.add_argument("--head", default="torchvision",
                    choices=[name for name, head in HEAD_SPECS.items() if head.torchvision_layout])

@@ -52,12 +52,13 @@ def mirrored(url: str, base: str) -> str:
     return url
 
 
-def check_file(path: str, url: str, sha256_prefix: str | None) -> str:
-    """The file's sha256 when it starts with the prefix; otherwise ConversionError (URL, both hashes)."""
+def check_file(path: str, what: str, sha256_prefix: str | None, fate: str = "it was not kept") -> str:
+    """The file's sha256 when it starts with the prefix; otherwise ConversionError naming `what`
+    (the URL or the file), both hashes and `fate` (what became of the file)."""
     digest = file_sha256(path)
     if sha256_prefix and not digest.startswith(sha256_prefix):
-        raise ConversionError(f"{url}: sha256 {digest} does not start with the expected {sha256_prefix}: "
-                              "a corrupt or substituted file; it was not kept")
+        raise ConversionError(f"{what}: sha256 {digest} does not start with the expected {sha256_prefix}: "
+                              f"a corrupt or substituted file; {fate}")
     return digest
 
 

@@ -20,12 +20,9 @@ from vgg_flax.convert.device import to_device
 from vgg_flax.convert.errors import ConversionError
 from vgg_flax.convert.readers import read_safetensors
 from vgg_flax.data.classes import imagenet_classes
-from vgg_flax.models import CONFIG_FIELDS, VGG, get_head
+from vgg_flax.models import VGG, get_head
 
 FORMAT = "vgg-flax.pretrained.v1"
-# VGG config fields stored with the weights (`VGG.to_config`; dtype is a run-time choice).
-MODEL_FIELDS = CONFIG_FIELDS
-_RESERVED = ("format", "model", "preprocessing", "classes", "source", "source_sha256")
 
 
 def flatten_variables(variables: Mapping[str, Any], leaf=np.asarray) -> dict[str, Any]:
@@ -42,11 +39,6 @@ def unflatten_variables(flat: Mapping[str, Any]) -> dict[str, Any]:
 def _plain(tree: Any) -> Any:
     """Nested Mappings (FrozenDict, OrderedDict) as dicts, which traverse_util walks."""
     return {k: _plain(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
-
-
-def model_config(model: Any) -> dict[str, Any]:
-    """The JSON-able fields of a VGG module that, with the weights, rebuild it."""
-    return model.to_config()
 
 
 def check_variables(model: Any, variables: Mapping[str, Any], where: str) -> None:
@@ -89,7 +81,7 @@ def save_pretrained(path: str | os.PathLike, model: Any, variables: Mapping[str,
         classes = imagenet_classes()
     if classes is not None and len(classes) != model.num_classes:
         raise ValueError(f"{len(classes)} class names for a model with {model.num_classes} outputs")
-    metadata = {"format": FORMAT, "model": json.dumps(model_config(model)),
+    metadata = {"format": FORMAT, "model": json.dumps(model.to_config()),
                 "preprocessing": preprocessing, "classes": json.dumps(classes),
                 "source": source or "", "source_sha256": source_sha256 or "",
                 "provenance": json.dumps(dict(provenance or {}))}
@@ -110,8 +102,8 @@ def pretrained_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ConversionError(f"{os.fspath(path)}: not a readable safetensors file: {e}") from e
     if raw.get("format") != FORMAT:
         raise ConversionError(f"{os.fspath(path)}: not a vgg-flax pretrained file (format "
-                              f"{raw.get('format')!r}, expected {FORMAT!r}); for torchvision/timm "
-                              "files use load_torchvision")
+                              f"{raw.get('format')!r}, expected {FORMAT!r}); for torchvision/timm/Keras "
+                              "files use load_weights")
     meta = dict(raw)
     meta["model"] = json.loads(raw["model"])
     meta["classes"] = json.loads(raw["classes"])

@@ -12,15 +12,14 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from vgg_flax.convert import download, hub, registry
+from vgg_flax.convert import download, engine, hub, registry
 from vgg_flax.convert import format as wformat
 from vgg_flax.convert.errors import ConversionError
 from vgg_flax.convert.hashing import hash_prefix, verify_hash_prefix
-from vgg_flax.convert.torchvision import convert_file, load_torchvision
 from vgg_flax.data.classes import imagenet_classes
-from vgg_flax.models import MODELS, get_head
+from vgg_flax.models import MODELS
 
-HEADS = ("torchvision", "dense", "none")
+HEADS = engine.HEADS
 # What conversion must know of a file that is not in a paper config's layout.
 ARCH_FIELDS = ("config", "batch_norm", "num_classes", "fc_width")
 
@@ -32,7 +31,7 @@ def list_pretrained() -> list[dict[str, Any]]:
         rows.append({"name": e.name, "aliases": [a for a, n in registry.ALIASES.items() if n == e.name],
                      "params": e.params, "acc1": e.acc1, "acc5": e.acc5, "gmacs": e.gmacs,
                      "file_size_mb": e.file_size_mb, "url": e.url, "license": e.license,
-                     "preprocessing": e.preprocessing, "features_only": e.features_only,
+                     "layout": e.layout, "preprocessing": e.preprocessing, "features_only": e.features_only,
                      "hub": e.hub and hub.PREFIX + e.hub})
     return rows
 
@@ -45,7 +44,7 @@ def from_pretrained(source: str | os.PathLike | Mapping[str, Any], *, head: str 
     Args:
       source: a registry name (`list_pretrained()`: "vgg16", timm's "vgg16.tv_in1k",
         "vgg16.features"), "hf-hub:ORG/REPO", an http(s) URL of a torchvision-style file, a local
-        file (torchvision/timm weights or a `save_pretrained` file) or a state dict.
+        file (torchvision/timm/Keras weights or a `save_pretrained` file) or a state dict.
       head: "torchvision", "dense" (same weights, dense evaluation) or "none" (features only).
       cache_dir: where downloads and converted weights live (default $VGG_FLAX_HOME or
         ~/.cache/vgg_flax).
@@ -61,19 +60,19 @@ def from_pretrained(source: str | os.PathLike | Mapping[str, Any], *, head: str 
     arch = {k: model_kwargs[k] for k in ARCH_FIELDS if k in model_kwargs}
     path = _resolve(source, cache_dir, progress, arch)
     if path is None or not _is_pretrained_file(path):
-        model, variables = load_torchvision(source if path is None else path, head=head, **model_kwargs)
-        meta = {"preprocessing": "imagenet1k_features" if model.head == "none" and head != "none"
-                else "torchvision", "classes": imagenet_classes() if model.num_classes == 1000 else None,
-                "source": "the state dict" if path is None else os.fspath(path), "provenance": {}}
+        model, variables, _, preset = engine.convert_source(
+            source if path is None else path, head, **model_kwargs)
+        meta = {"preprocessing": preset, "classes": imagenet_classes() if model.num_classes == 1000
+                else None, "source": "the state dict" if path is None else os.fspath(path),
+                "provenance": {}}
     else:
         meta = wformat.pretrained_metadata(path)
         stored = meta["model"]["head"]
-        keep = head == "none" or stored == "none" or not get_head(stored).torchvision_layout  # small head
+        keep = head == "none" or stored == "none" or stored not in HEADS  # e.g. the small head
         model, variables = wformat.load_pretrained(path, head=stored if keep else head, **model_kwargs)
         if head == "none" and model.head != "none":
+            variables = engine.without_head(variables, model.head)
             model = model.clone(head="none")
-            variables = {**variables, "params": {k: v for k, v in variables["params"].items()
-                                                 if not k.startswith(("fc", "head"))}}
     meta["path"] = path  # the file the weights were read from (the cache's converted file)
     return (model, variables, meta) if return_metadata else (model, variables)
 
@@ -87,7 +86,7 @@ def _resolve(source, cache_dir, progress, arch) -> str | None:
         return hub.hub_file(text)
     if text.startswith(("http://", "https://")):
         return _cached(text, None, cache_dir, progress, arch)
-    if os.path.exists(text) or os.sep in text or text.endswith((".pth", ".pt", ".bin", ".safetensors")):
+    if os.path.exists(text) or os.sep in text or text.endswith(engine.SUFFIXES):
         if not os.path.isfile(text):
             raise FileNotFoundError(f"no weight file at {text}")
         return text
@@ -126,7 +125,9 @@ def _cached(url: str, entry: registry.Pretrained | None, cache_dir, progress, ar
                   "license": entry.license if entry else None,
                   "acc1": entry.acc1 if entry else None, "acc5": entry.acc5 if entry else None}
     os.makedirs(os.path.dirname(converted), exist_ok=True)
-    convert_file(raw, converted, verify_hash=False, provenance=provenance, **arch)
+    if entry is not None:  # the entry's contract, not a guess from the keys
+        arch = {**arch, "layout": entry.layout, "preprocessing": entry.preprocessing}
+    engine.convert_file(raw, converted, verify_hash=False, provenance=provenance, **arch)
     if downloaded:  # the converted file replaces it; torch hub's copy is the user's and stays
         os.remove(raw)
     return converted
@@ -142,7 +143,8 @@ def _raw_file(url: str, entry, cache_dir, progress) -> tuple[str, bool]:
         return hub_copy, False
     target = os.path.join(download.cache_root(cache_dir), "downloads", name)
     if os.path.isfile(target):  # placed by hand (offline) or left by an interrupted conversion
-        download.check_file(target, target, prefix)
+        download.check_file(target, target, prefix, fate="it is left in place for you to inspect; "
+                            "delete it to download the file again")
         return target, True
     if download.offline():
         raise ConversionError(f"VGG_FLAX_OFFLINE=1 and {name} is in no cache: download {url} and "

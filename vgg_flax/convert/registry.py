@@ -27,7 +27,8 @@ class Pretrained(NamedTuple):
     acc5: float
     gmacs: float          # at 224 x 224
     file_size_mb: float   # as torchvision lists it (MiB: bytes / 2**20)
-    preprocessing: str    # vgg_flax.preprocessing preset
+    layout: str           # the file's key layout: a vgg_flax.convert.engine.LAYOUTS name
+    preprocessing: str    # the vgg_flax.preprocessing preset the weights expect
     features_only: bool = False
     license: str = TORCHVISION_LICENSE
     base: str = TORCHVISION_BASE
@@ -39,7 +40,7 @@ class Pretrained(NamedTuple):
 
 
 def _tv(name, file, params, acc1, acc5, gmacs, size, builder=None, features_only=False):
-    return Pretrained(name, builder or name, file, params, acc1, acc5, gmacs, size,
+    return Pretrained(name, builder or name, file, params, acc1, acc5, gmacs, size, "torchvision",
                       "imagenet1k_features" if features_only else "torchvision", features_only,
                       hub=None if features_only else f"timm/{name}.tv_in1k")
 

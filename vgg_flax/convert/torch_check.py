@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from vgg_flax.convert.torchvision import to_torchvision
+from vgg_flax.convert.engine import to_torchvision
 from vgg_flax.models import FC_POOL_SIZE, VGG, resolve_config
 
 
