@@ -1,5 +1,6 @@
 """vgg-flax: the VGG family (Simonyan & Zisserman, 2014) in JAX/Flax, exact to torchvision."""
 
+from vgg_flax import explain
 from vgg_flax.convert import (
     ConversionError,
     from_pretrained,
@@ -57,5 +58,5 @@ __all__ = [
     "get_model", "local_response_norm", "vgg11", "vgg11_bn", "vgg11_lrn", "vgg13", "vgg13_bn",
     "vgg16", "vgg16_bn", "vgg16_c", "vgg19", "vgg19_bn",
     "ConversionError", "from_pretrained", "list_pretrained", "load_torchvision", "to_torchvision",
-    "load_pretrained", "save_pretrained",
+    "load_pretrained", "save_pretrained", "explain",
 ]
