@@ -12,7 +12,6 @@ returns images. The primitive beneath them, `tap_gradients`, differentiates the 
 any named tap and the input. docs/research.md shows them; the conventions are in each docstring.
 """
 
-from vgg_flax.explain.class_model import class_model
 from vgg_flax.explain.gradients import Gradients, class_score, tap_gradients
 from vgg_flax.explain.maps import (
     IG_RULES,
@@ -22,6 +21,7 @@ from vgg_flax.explain.maps import (
     saliency,
     smooth_grad,
 )
+from vgg_flax.explain.visualisation import class_model
 
 __all__ = ["IG_RULES", "Gradients", "class_model", "class_score", "grad_cam", "grad_cam_plus_plus",
            "integrated_gradients", "saliency", "smooth_grad", "tap_gradients"]

@@ -107,7 +107,7 @@ def resolve_targets(model: models.VGG, variables: Mapping[str, Any], images: jax
     """`check_targets`, with None / "top1" replaced by each image's top-1 (one forward pass)."""
     t = check_targets(model, images, targets)
     if t is None:
-        return jnp.argmax(_apply(model, variables, images), axis=-1).astype(jnp.int32)
+        return jnp.argmax(forward(model, variables, images), axis=-1).astype(jnp.int32)
     return t
 
 
@@ -120,7 +120,8 @@ def check_images(images: Any) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _apply(model, variables, images):
+def forward(model, variables, images):
+    """The jitted inference output (logits) of a linen model."""
     return model.apply(variables, images, train=False)
 
 
