@@ -107,6 +107,7 @@ def test_tap_gradients_are_the_gradients_of_the_taps(trained):
     """dS_c/d(pre_logits) of the small head is column c of its output kernel, on both conv paths;
     a conv tap's gradient is the same on the XLA and CPU paths, and through the NNX face."""
     model, variables, x, y = trained
+    assert set(model.init(jax.random.key(0), x[:1], taps=("relu3_1",))) == {"params", "batch_stats"}
     kernel = np.asarray(variables["params"]["head_out"]["kernel"])
     runs = {}
     for impl in ("xla", "cpu"):
