@@ -6,6 +6,7 @@ Subcommands:
   weights   pretrained weights by name: list them, download (and convert) them into the cache
   predict   top-5 ImageNet classes of image files with pretrained or converted weights
   eval      top-1/top-5 with the paper's test protocols over a TFDS split or an image folder
+  explain   attribution maps (saliency, Grad-CAM, IG, ...) of image files as PNGs, or a class model
   plot      training curves of a workdir's metrics.jsonl as a PNG
   train     the training program (same as `python train.py`; its absl flags follow `train`)
 """
@@ -109,7 +110,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _eval_source(args: argparse.Namespace):
     """(model, variables, defaults) from a converted weights file or a training workdir."""
     if sum(map(bool, (args.weights, args.workdir, args.model))) != 1:
-        raise SystemExit("vgg-flax eval: give exactly one of --weights, --model and --workdir")
+        raise SystemExit(f"vgg-flax {args.command}: give exactly one of --weights, --model and --workdir")
     if args.model:
         from vgg_flax.convert import pretrained
 
@@ -153,6 +154,72 @@ def _eval(args: argparse.Namespace) -> int:
         evaluation.save_json(results, args.output, weights=args.weights or args.model or args.workdir,
                              dense_whole_image=args.dense_whole_image, **run)
         print(f"saved {args.output}")
+    return 0
+
+
+def _explain_precheck(args: argparse.Namespace) -> list[str]:
+    """The checks that need no weights: methods, target, images; for registry weights (which would
+    be downloaded) the class range and the tap as well."""
+    from vgg_flax import models
+    from vgg_flax.convert import registry
+    from vgg_flax.explain import pictures
+
+    methods = pictures.check_methods(args.method.split(","))
+    if args.target != "top1" and not args.target.isdigit():
+        raise ValueError(f"--target must be 'top1' or a class index >= 0, got {args.target!r}")
+    if methods == [pictures.CLASS_MODEL] and args.target == "top1":
+        raise ValueError("--method class-model needs --target N, the class to visualise")
+    if methods != [pictures.CLASS_MODEL]:
+        if not args.images:
+            raise ValueError("no images given")
+        pictures.check_images(args.images)
+    if args.model and args.model in {**registry.REGISTRY, **registry.ALIASES}:
+        entry = registry.get(args.model)
+        _explain_check_model(models.get_model(entry.builder), args, features_only=entry.features_only)
+    return methods
+
+
+def _explain_check_model(model, args: argparse.Namespace, features_only: bool = False) -> None:
+    from vgg_flax.explain import maps
+
+    if features_only or model.head == "none":
+        raise ValueError(f"{args.model or args.weights or args.workdir} holds features only (no "
+                         "classifier): nothing to explain")
+    if args.target != "top1" and int(args.target) >= model.num_classes:
+        raise ValueError(f"--target {args.target} out of range: the model has {model.num_classes} "
+                         f"classes (0..{model.num_classes - 1})")
+    if args.tap is not None:
+        maps.check_cam_tap(model, args.tap)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from vgg_flax import preprocessing
+    from vgg_flax.data.classes import imagenet_classes
+    from vgg_flax.explain import pictures
+
+    methods = _explain_precheck(args)
+    model, variables, defaults = _eval_source(args)
+    _explain_check_model(model, args)
+    size = args.image_size or defaults["image_size"]
+    norm = preprocessing.get_preset(args.normalization or defaults["normalization"])
+    if args.image_size or args.workdir:  # the run's own size: resize the short side to it, no crop margin
+        norm = dataclasses.replace(norm, resize=size, crop=size)
+    classes = imagenet_classes() if model.num_classes == 1000 else None
+    if args.weights:
+        from vgg_flax.convert import weights
+
+        classes = weights.pretrained_metadata(args.weights)["classes"] or classes
+    target = None if args.target == "top1" else int(args.target)
+    if methods == [pictures.CLASS_MODEL]:
+        print(pictures.class_model_file(model, variables, norm, target, args.out, classes=classes,
+                                        steps=args.steps))
+        return 0
+    written = pictures.explain_files(model, variables, norm, args.images, methods, args.out,
+                                     target=target, classes=classes, progress=not args.quiet,
+                                     tap=args.tap, steps=args.steps, samples=args.samples)
+    print("\n".join(written))
     return 0
 
 
@@ -235,6 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "memory (default: from the memory budget, evaluation.views_per_call; 0: no limit)")
     p.add_argument("--output", help="write the results as JSON here")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("explain", help="attribution maps of images as PNGs, or a class model")
+    p.add_argument("--weights", help="a file written by `vgg-flax convert` (or save_pretrained)")
+    p.add_argument("--model", help="pretrained weights by name (vgg16, hf-hub:..., URL)")
+    p.add_argument("--workdir", help="a training workdir (its config gives the size and preset)")
+    p.add_argument("--which", default="latest", choices=("latest", "best"), help="workdir checkpoint")
+    p.add_argument("--method", default="grad-cam",
+                   help="comma list of saliency, grad-cam, grad-cam++, integrated-gradients, "
+                        "smooth-grad; or class-model (alone, with --target N)")
+    p.add_argument("--target", default="top1", help="'top1' (each image's) or a class index")
+    p.add_argument("--tap", help="Grad-CAM's layer (default: the last conv's ReLU, e.g. relu5_3)")
+    p.add_argument("--steps", type=int, help="Integrated Gradients' steps (50) / class-model's (200)")
+    p.add_argument("--samples", type=int, help="SmoothGrad's noisy copies (50)")
+    p.add_argument("--image-size", type=int, help="input size (default: 224 center crop, or the run's)")
+    p.add_argument("--normalization", help="preset (default: the weights' or the run's)")
+    p.add_argument("--out", default="explain", help="directory for the PNGs (default ./explain)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("images", nargs="*")
+    p.set_defaults(func=_explain)
 
     p = sub.add_parser("train", help="train (flags as train.py: --workdir, --config, --config.KEY=V)",
                        add_help=False)

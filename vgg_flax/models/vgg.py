@@ -106,6 +106,9 @@ class VGG(nn.Module):
           train: dropout on and BatchNorm in batch-statistics mode (call `apply` with
             `mutable=["batch_stats"]` and a "dropout" rng).
           taps: names of intermediate activations to return as well (`tap_names` lists them).
+            With a "perturbations" collection holding a zero array per tap, each tap gets it
+            added (the rule of flax's `Module.perturb`), so `jax.grad` w.r.t. it is the gradient w.r.t. the
+            tap; `vgg_flax.explain.tap_gradients` does this.
         Returns:
           float32[N, num_classes] logits (float[N, h, w, C] features for head "none"); with taps,
           a pair (output, {name: activation}).
@@ -122,6 +125,11 @@ class VGG(nn.Module):
 
         def tap(name, value):
             if name in wanted:
+                # Flax's `perturb` rule: a zero "perturbations" variable added at the tap has the
+                # tap's gradient (vgg_flax.explain). Only read, never created, so `init` with
+                # taps adds no collection and an apply without one computes exactly as before.
+                if self.has_variable("perturbations", name):
+                    value = value + self.get_variable("perturbations", name)
                 found[name] = value
             return value
 
