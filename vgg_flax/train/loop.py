@@ -28,7 +28,8 @@ from vgg_flax import parallel
 from vgg_flax.convert import pretrained as pretrained_weights
 from vgg_flax.data import pipeline as input_pipeline
 from vgg_flax.train import checkpoints as ckpt_lib
-from vgg_flax.train import console, lock, metrics_log, optim, prefetch, steps, warm_start
+from vgg_flax.train import console, lock, metrics_log, optim, prefetch, programs, steps, warm_start
+from vgg_flax.train.programs import build_optimizer  # noqa: F401  (its public name here)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -172,25 +173,15 @@ def initial_variables(model, rng: jax.Array, *, image_size: int, warm_start_from
     return variables
 
 
-def build_optimizer(config, optimizer: optax.GradientTransformation | None = None):
-    """(optax transformation, plateau rule or None) from the `optim` and `schedule` sections, or
-    `optimizer` as given (the plateau schedule then needs its injected `lr_scale`)."""
-    schedule, plateau = optim.make_schedule(num_steps=config.num_train_steps, **config.schedule)
-    tx = optimizer or optim.make_optimizer(learning_rate=schedule, **config.optim)
-    return tx, plateau
-
-
 def setup(config, workdir: str, datasets, optimizer=None) -> tuple[Run, steps.TrainState]:
     """Everything before the loop: checks, model, optimizer, (restored) state, compiled steps."""
     _check_positive("", num_train_steps=config.num_train_steps, global_batch_size=config.global_batch_size)
-    tx, plateau = build_optimizer(config, optimizer)
     eval_spec, log_spec = EvalSpec(**config.eval), LogSpec(**config.log)
     mesh = parallel.create_mesh()
-    for size, accum in ((config.global_batch_size, config.step.grad_accum_steps), (eval_spec.batch_size, 1)):
-        parallel.check_batch_divides(global_batch_size=size, num_devices=mesh.size, grad_accum_steps=accum,
-                                     num_processes=jax.process_count())
+    programs.check_batches(config, num_devices=mesh.size, num_processes=jax.process_count())
     data = make_data(datasets, seed=config.seed, **config.data)
-    model = ckpt_lib.model_from_config(config.model.to_dict(), num_classes=data.num_classes)
+    built = programs.build_programs(config, mesh, num_classes=data.num_classes, optimizer=optimizer)
+    model, tx, plateau, shardings = built.model, built.tx, built.plateau, built.state_sharding
     if model.dtype == jnp.float16:
         logging.warning(FLOAT16_WARNING)
     init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
@@ -200,7 +191,6 @@ def setup(config, workdir: str, datasets, optimizer=None) -> tuple[Run, steps.Tr
     state = steps.create_state(model=model, tx=tx, variables=variables, rng=state_rng)
     if plateau is not None:
         optim.set_lr_scale(state.opt_state, 1.0)  # fails now, not at the first plateau
-    shardings = steps.state_sharding_like(state, mesh)
     ckpt = ckpt_lib.Checkpoints(workdir, **config.checkpoints)
     model_config = model.to_config()
     try:
@@ -211,8 +201,7 @@ def setup(config, workdir: str, datasets, optimizer=None) -> tuple[Run, steps.Tr
         raise
     run = Run(mesh=mesh, data=data, ckpt=ckpt, model_config=model_config, plateau=plateau, eval=eval_spec,
               log=log_spec,
-              train_step=steps.make_train_step(mesh, shardings, model=model, tx=tx, **config.step),
-              eval_step=steps.make_eval_step(mesh, shardings, model=model),
+              train_step=built.train_step, eval_step=built.eval_step,
               num_train_steps=config.num_train_steps, global_batch_size=config.global_batch_size)
     ckpt_lib.write_config(workdir, config.to_dict())
     return run, state
