@@ -15,6 +15,7 @@ bandwidths are then per TensorCore (half a chip's).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import time
@@ -177,6 +178,11 @@ def train_flops(model, image_size: int, params) -> float:
     return 3 * forward_flops(model, image_size, params) - 2.0 * image_size**2 * k * k * 3 * width
 
 
+def array_bytes(dtype: str, dims: str) -> int:
+    """Bytes of an HLO array type: dtype "bf16", dims "3,3,64" ("" for a scalar)."""
+    return _DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+
+
 def parse_collectives(hlo_text: str) -> tuple[Collective, ...]:
     """The collectives of a compiled HLO module (`compiled.as_text()`), with their result arrays.
 
@@ -191,8 +197,7 @@ def parse_collectives(hlo_text: str) -> tuple[Collective, ...]:
         shapes = [(dt, dims) for dt, dims in _ARRAY.findall(m.group(1))]
         if m.group(3) and m.group(2) != "all-reduce" and len(shapes) > 1:
             shapes = shapes[-1:]
-        size = sum(_DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
-                   for dt, dims in shapes)
+        size = sum(array_bytes(dt, dims) for dt, dims in shapes)
         found.append(Collective(m.group(2), tuple(f"{dt}[{dims}]" for dt, dims in shapes), size))
     return tuple(found)
 
@@ -210,12 +215,18 @@ def num_classes_of(config) -> int:
     from vgg_flax.data import sources
 
     name, data_dir = config.data.dataset, config.data.data_dir or None
+    absl_logger = logging.getLogger("absl")  # TFDS warns when the data is not here: expected
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
     try:
-        return int(sources.dataset_info(name, data_dir=data_dir).num_classes)
-    except FileNotFoundError:
-        import tensorflow_datasets as tfds
+        try:
+            return int(sources.dataset_info(name, data_dir=data_dir).num_classes)
+        except FileNotFoundError:
+            import tensorflow_datasets as tfds
 
-        return int(tfds.builder(name, data_dir=data_dir).info.features["label"].num_classes)
+            return int(tfds.builder(name, data_dir=data_dir).info.features["label"].num_classes)
+    finally:
+        absl_logger.setLevel(level)
 
 
 def slice_mesh(tpu_slice: tpu_slices.Slice, num_slices: int = 1, *, quiet: bool = True):
