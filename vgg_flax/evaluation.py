@@ -224,7 +224,9 @@ class Evaluator:
         self.datasets = datasets
         self._programs: dict[tuple[str, bool], Callable] = {}
 
-    def _program(self, protocol: str, whole: bool) -> Callable:
+    def program(self, protocol: str, whole: bool = False) -> Callable:
+        """The jitted fn(variables, images) -> float32[B, classes] posteriors of one protocol
+        (`posterior_fn`), built once; whole: one whole image per call on one device."""
         if (protocol, whole) not in self._programs:
             max_pixels = None if self.max_views is None else self.max_views * self.image_size**2
             self._programs[protocol, whole] = posterior_fn(
@@ -247,7 +249,7 @@ class Evaluator:
             raise KeyError(f"unknown protocol {protocol!r}; valid: {sorted(PROTOCOLS)}")
         whole = protocol == "dense" and dense_images == "whole"
         view, batch_size = ("whole", 1) if whole else (PROTOCOLS[protocol].views, batch_size)
-        fn, device = self._program(protocol, whole), jax.local_devices()[0]
+        fn, device = self.program(protocol, whole), jax.local_devices()[0]
         if not whole:
             parallel.check_batch_divides(global_batch_size=batch_size * jax.process_count(),
                                          num_devices=self.mesh.size, num_processes=jax.process_count())

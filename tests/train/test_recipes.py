@@ -17,7 +17,7 @@ import train_harness
 
 import vgg_flax
 from vgg_flax.train import loop as training
-from vgg_flax.train import optim
+from vgg_flax.train import optim, programs
 
 # config file: (paper letter, scale range (S_min, S_max), weight init)
 PAPER = {
@@ -84,7 +84,7 @@ def test_paper_recipe_reaches_the_model_the_data_and_the_plateau_rule(name):
     (_, split, kw), = recording.calls
     assert split == "train" and kw["augment"] == "paper" and kw["scale_range"] == scale_range
     assert kw["batch_size"] == 256 and kw["image_size"] == 224
-    _, plateau = training.build_optimizer(c)
+    _, plateau = programs.build_optimizer(c)
     scales = []
     for _ in range(12):  # the validation accuracy never improves again after the first evaluation
         plateau.update(0.5)
@@ -142,7 +142,7 @@ def test_every_config_is_locked_valid_and_builds(name):
     sys.path.insert(0, train_harness.ROOT)
     config = train_harness.load_config_module(name).get_config()
     assert config.is_locked
-    tx, plateau = training.build_optimizer(config)  # each section checks itself where it is used
+    tx, plateau = programs.build_optimizer(config)  # each section checks itself where it is used
     assert (plateau is not None) == (config.schedule.name == "plateau")
     training.EvalSpec(**config.eval), training.LogSpec(**config.log)
     model = vgg_flax.VGG.from_config(config.model.to_dict(), num_classes=7)

@@ -9,6 +9,7 @@ Subcommands:
   explain   attribution maps (saliency, Grad-CAM, IG, ...) of image files as PNGs, or a class model
   plot      training curves of a workdir's metrics.jsonl as a PNG
   train     the training program (same as `python train.py`; its absl flags follow `train`)
+  compile   the training run compiled ahead of time for a TPU slice, with no TPU: memory, FLOPs, bounds
 """
 
 from __future__ import annotations
@@ -231,6 +232,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compile(args: argparse.Namespace) -> int:
+    """Hands every argument after `compile` to its own parser (--config.KEY=V are absl's)."""
+    from vgg_flax.cli import compile_app
+
+    return compile_app.main(args.flags)
+
+
 def _plot(args: argparse.Namespace) -> int:
     from vgg_flax.train import plots
 
@@ -326,8 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("flags", nargs=argparse.REMAINDER)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("compile", help="compile the training run for a TPU slice, with no TPU "
+                                       "(--topology, --config, --config.KEY=V)", add_help=False)
+    p.add_argument("flags", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_compile)
     for name, p in sub.choices.items():
-        if name != "train":  # the training program has its own --debug
+        if name not in ("train", "compile"):  # these programs have their own --debug
             p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
@@ -336,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:
         return _train(argparse.Namespace(flags=argv[1:]))
+    if argv[:1] == ["compile"]:
+        return _compile(argparse.Namespace(flags=argv[1:]))
     args = build_parser().parse_args(argv)
     return errors.run_command(f"vgg-flax {args.command}", lambda: args.func(args), debug=args.debug)
 

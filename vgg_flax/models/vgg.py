@@ -81,7 +81,9 @@ class VGG(nn.Module):
       remat_blocks: rematerialise each conv block (`nn.remat` over its convs, BN, ReLUs and pool):
         only block outputs are kept for the backward pass, the rest is recomputed block by block.
         Same values and parameter names. Meant for large batches on small GPUs (unmeasured there);
-        on XLA:CPU it saved no memory in our measurement (docs/training.md), so leave it off there.
+        it saved no memory on XLA:CPU (docs/training.md) nor in VGG16's bf16 train step compiled
+        for TPU v5e at 32 images per chip, where it costs 1.33x the FLOPs (`vgg-flax compile`,
+        docs/PERFORMANCE.md, "TPU"): leave it off unless a compile says that it fits only with it.
     """
 
     config: Any = "D"

@@ -30,9 +30,8 @@ from jax.sharding import Mesh
 from vgg_flax import evaluation, parallel
 from vgg_flax.convert import pretrained as pretrained_weights
 from vgg_flax.data import pipeline as input_pipeline
-from vgg_flax.models import VGG
 from vgg_flax.train import checkpoints as ckpt_lib
-from vgg_flax.train import console, lock, metrics_log, optim, prefetch, steps, warm_start
+from vgg_flax.train import console, lock, metrics_log, optim, prefetch, programs, steps, warm_start
 from vgg_flax.train import workdir as workdir_lib
 
 
@@ -173,25 +172,16 @@ def initial_variables(model, rng: jax.Array, *, image_size: int, warm_start_from
     return variables
 
 
-def build_optimizer(config, optimizer: optax.GradientTransformation | None = None):
-    """(optax transformation, plateau rule or None) from the `optim` and `schedule` sections, or
-    `optimizer` as given (the plateau schedule then needs its injected `lr_scale`)."""
-    schedule, plateau = optim.make_schedule(num_steps=config.num_train_steps, **config.schedule)
-    tx = optimizer or optim.make_optimizer(learning_rate=schedule, **config.optim)
-    return tx, plateau
-
-
 def setup(config, workdir: str, datasets, optimizer=None) -> tuple[Run, steps.TrainState]:
     """Everything before the loop: checks, model, optimizer, (restored) state, compiled steps."""
     _check_positive("", num_train_steps=config.num_train_steps, global_batch_size=config.global_batch_size)
-    tx, plateau = build_optimizer(config, optimizer)
     eval_spec, log_spec = EvalSpec(**config.eval), LogSpec(**config.log)
     mesh = parallel.create_mesh()
-    for size, accum in ((config.global_batch_size, config.step.grad_accum_steps), (eval_spec.batch_size, 1)):
-        parallel.check_batch_divides(global_batch_size=size, num_devices=mesh.size, grad_accum_steps=accum,
-                                     num_processes=jax.process_count())
+    programs.check_batches(config, num_devices=mesh.size, num_processes=jax.process_count())
     data = make_data(datasets, seed=config.seed, **config.data)
-    model = VGG.from_config(config.model.to_dict(), num_classes=data.num_classes)
+    built = programs.build_programs(config, mesh, num_classes=data.num_classes, optimizer=optimizer,
+                                    datasets=datasets)
+    model, tx, plateau, shardings = built.model, built.tx, built.plateau, built.state_sharding
     if model.dtype == jnp.float16:
         logging.warning(FLOAT16_WARNING)
     init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
@@ -201,7 +191,6 @@ def setup(config, workdir: str, datasets, optimizer=None) -> tuple[Run, steps.Tr
     state = steps.create_state(model=model, tx=tx, variables=variables, rng=state_rng)
     if plateau is not None:
         optim.set_lr_scale(state.opt_state, 1.0)  # fails now, not at the first plateau
-    shardings = steps.state_sharding_like(state, mesh)
     ckpt = ckpt_lib.Checkpoints(workdir, **config.checkpoints)
     model_config = model.to_config()
     try:
@@ -212,9 +201,7 @@ def setup(config, workdir: str, datasets, optimizer=None) -> tuple[Run, steps.Tr
         raise
     run = Run(mesh=mesh, data=data, ckpt=ckpt, model_config=model_config, plateau=plateau, eval=eval_spec,
               log=log_spec,
-              train_step=steps.make_train_step(mesh, shardings, model=model, tx=tx, **config.step),
-              evaluator=evaluation.Evaluator(model, image_size=data.image_size, mesh=mesh,
-                                             datasets=datasets),
+              train_step=built.train_step, evaluator=built.evaluator,
               num_train_steps=config.num_train_steps, global_batch_size=config.global_batch_size)
     if jax.process_index() == 0:
         workdir_lib.write_config(workdir, config.to_dict())

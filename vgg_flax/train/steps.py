@@ -20,6 +20,7 @@ import optax
 from jax.sharding import Mesh
 
 from vgg_flax import parallel
+from vgg_flax.ops import conv
 from vgg_flax.topk import topk_hits
 from vgg_flax.train import optim
 
@@ -87,8 +88,9 @@ def _mean_gradients(state: TrainState, batch: dict, rng, *, model, remat: bool, 
         (grads, batch_stats, loss, acc), _ = micro_step(init, (batch, 0))
     else:
         micro = _micro_batches(batch, grad_accum_steps)
-        # Unrolled on CPU: XLA:CPU runs convolutions inside a while loop several times slower.
-        unroll = grad_accum_steps if jax.default_backend() == "cpu" else 1
+        # Unrolled for the CPU (the model traces the CPU conv path): XLA:CPU runs convolutions inside
+        # a while loop several times slower. A program compiled here for a TPU keeps the loop.
+        unroll = grad_accum_steps if conv.resolve_impl(model.conv_impl) == "cpu" else 1
         (grads, batch_stats, loss, acc), _ = jax.lax.scan(
             micro_step, init, (micro, jnp.arange(grad_accum_steps)), unroll=unroll)
     inv = 1.0 / grad_accum_steps
