@@ -19,6 +19,7 @@ its image classifier head (a 7x7 conv before 2026) differ, and no file was at ha
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from vgg_flax.convert.errors import ConversionError
+from vgg_flax.convert.readers import FileTensor
 from vgg_flax.convert.rules import Architecture, Layout, Rule
 from vgg_flax.models import CONFIGS, FC_POOL_SIZE, classifier_layer, is_conv_layer, last_width, layer_names
 
@@ -41,7 +43,11 @@ _HEAD = {"fc1": "fc1", "fc2": "fc2", classifier_layer("torchvision"): "predictio
 
 
 def read_h5(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """{"block1_conv1/kernel": array, ...} of a Keras `.weights.h5`, `.keras` or legacy `.h5` file."""
+    """{"block1_conv1/kernel": tensor, ...} of a Keras `.weights.h5`, `.keras` or legacy `.h5` file.
+
+    A contiguous, uncompressed dataset (how Keras writes them) is a `FileTensor` at its byte offset,
+    read block by block during conversion like a safetensors tensor; others are read here.
+    """
     path = os.fspath(path)
     try:
         import h5py
@@ -50,11 +56,13 @@ def read_h5(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no weight file at {path}")
     try:
-        with h5py.File(_archived(path) if path.endswith(".keras") else path, "r") as f:
+        archive = path.endswith(".keras")
+        with h5py.File(_archived(path) if archive else path, "r") as f:
+            tensor = functools.partial(_tensor, path=None if archive else path)
             if "layers" in f and "layer_names" not in f.attrs:
-                state = _read_keras3(f["layers"])
+                state = _read_keras3(f["layers"], tensor)
             else:
-                state = _read_legacy(f["model_weights"] if "model_weights" in f else f)
+                state = _read_legacy(f["model_weights"] if "model_weights" in f else f, tensor)
     except OSError as e:
         raise ConversionError(f"{path}: not a readable HDF5 file (truncated, or not HDF5?): "
                               f"{str(e).splitlines()[0]}") from e
@@ -74,21 +82,29 @@ def _archived(path: str) -> io.BytesIO:
         raise ConversionError(f"{path}: not a .keras archive holding {_ARCHIVE_WEIGHTS} ({e})") from e
 
 
-def _named(layer: str, values: list[Any]) -> dict[str, np.ndarray]:
+def _tensor(dataset, path: str | None) -> FileTensor | np.ndarray:
+    """A dataset stored contiguously in the file at `path` as a lazy `FileTensor`, else its array."""
+    offset = dataset.id.get_offset() if path is not None else None
+    if offset is None or dataset.chunks is not None or dataset.compression or not dataset.shape:
+        return np.asarray(dataset[()])
+    return FileTensor(path, dataset.dtype, tuple(dataset.shape), offset)
+
+
+def _named(layer: str, values: list[Any], tensor) -> dict[str, Any]:
     names = [_VAR_NAMES[i] if i < len(_VAR_NAMES) else str(i) for i in range(len(values))]
-    return {f"{layer}/{n}": np.asarray(v[()]) for n, v in zip(names, values, strict=True)}
+    return {f"{layer}/{n}": tensor(v) for n, v in zip(names, values, strict=True)}
 
 
-def _read_keras3(layers) -> dict[str, np.ndarray]:
+def _read_keras3(layers, tensor) -> dict[str, Any]:
     state = {}
     for key, group in layers.items():
         variables = group.get("vars", {})
         name = variables.attrs.get("name", key) if hasattr(variables, "attrs") else key
-        state.update(_named(_text(name), [variables[str(i)] for i in range(len(variables))]))
+        state.update(_named(_text(name), [variables[str(i)] for i in range(len(variables))], tensor))
     return state
 
 
-def _read_legacy(root) -> dict[str, np.ndarray]:
+def _read_legacy(root, tensor) -> dict[str, Any]:
     if "layer_names" not in root.attrs:
         raise KeyError("no 'layer_names' attribute: not a Keras HDF5 weights file")
     state = {}
@@ -96,7 +112,7 @@ def _read_legacy(root) -> dict[str, np.ndarray]:
         if layer not in root:
             raise KeyError(f"layer {layer!r} is listed in layer_names but has no group")
         group = root[layer]
-        state.update(_named(layer, [group[_text(w)] for w in group.attrs.get("weight_names", [])]))
+        state.update(_named(layer, [group[_text(w)] for w in group.attrs.get("weight_names", [])], tensor))
     return state
 
 
