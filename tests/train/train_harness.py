@@ -186,7 +186,6 @@ def main(argv: list[str]) -> int:
     if "--entry" in argv:
         training.input_pipeline = datasets  # what train_and_evaluate reads when given no datasets
         flags = [f"--config.{key}={value}" for key, value in overrides.items()]
-        # train_app defines its config flag at import, from sys.argv: set it first.
         sys.argv = ["train.py", "--workdir", workdir, "--config", os.path.abspath(__file__), *flags]
         from vgg_flax.cli import train_app
 

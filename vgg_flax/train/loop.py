@@ -31,10 +31,7 @@ from vgg_flax.models import VGG
 from vgg_flax.train import checkpoints as ckpt_lib
 from vgg_flax.train import console, lock, metrics_log, optim, prefetch, steps, warm_start
 from vgg_flax.train import workdir as workdir_lib
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or Inf; the last checkpoint written is still good."""
+from vgg_flax.train.errors import NonFiniteLossError
 
 
 class Interrupted(Exception):

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh
 
 from vgg_flax import parallel
-from vgg_flax.topk import topk_hits
+from vgg_flax.evaluation.topk import topk_hits
 from vgg_flax.train import optim
 
 
