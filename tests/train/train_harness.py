@@ -50,7 +50,6 @@ def tiny_config(**overrides):
     config.model.small_head_width = 16
     config.model.dropout_rate = 0.1
     config.data.dataset = "fake"
-    config.data.num_classes = 0
     config.global_batch_size = 8
     config.eval.batch_size = 16
     config.num_train_steps = 6

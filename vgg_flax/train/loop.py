@@ -94,6 +94,8 @@ def make_data(datasets, *, seed: int, dataset: str, train_split: str, eval_split
     num_classes: None for the dataset's. scale_range: (min, max) short side for augment="paper"
     (None: fixed at the paper's S). data_dir: None for TFDS's default.
     """
+    if num_classes is not None:
+        _check_positive("data.", num_classes=num_classes)  # (0 once meant "the dataset's": now None)
     try:
         info = datasets.dataset_info(dataset, data_dir=data_dir)
         num_train = info.num_examples(train_split)
