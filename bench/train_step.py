@@ -252,9 +252,9 @@ def main(argv=None):
     import jax
 
     if args.cache_dir:
-        from vgg_flax import perf
+        from vgg_flax.train import compilation_cache
 
-        perf.enable_compilation_cache(args.cache_dir)
+        compilation_cache.enable_compilation_cache(args.cache_dir)
     print(common.header([sys.argv[0], *argv]), flush=True)
     print(f"batch {args.batch}, image {args.image_size}, head {args.head}, classes {args.classes}, "
           f"{args.dtype}, warmup {args.warmup}, repeats {args.repeats} ({args.schedule}), conv {args.conv}, "

@@ -1,6 +1,6 @@
 """vgg_flax.parallel on one process: batch checks, the global-array round trip. (Equal batch
 counts with masked padding are the input pipeline's: tests/data. Several devices and processes:
-tests/train and tests/test_evaluation.py.)"""
+tests/train and tests/evaluation/test_evaluation.py.)"""
 
 import jax
 import numpy as np

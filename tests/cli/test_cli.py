@@ -180,3 +180,16 @@ def test_interrupted_training_exit_status_is_128_plus_the_signal_and_one_line(ca
         except KeyboardInterrupt:  # escaping, it would end the pytest session
             pytest.fail("KeyboardInterrupt escaped: a traceback, not one line")
         assert [r.getMessage() for r in caplog.records] == [says]
+
+
+def test_importing_the_cli_runs_nothing_and_loads_no_training_loop():
+    """cli.errors names the training errors without importing the loop (every subcommand would pay
+    for orbax and the input pipeline), and train_app defines its flags without exiting on a bad
+    --config.KEY in sys.argv at import (it is reported when the program runs)."""
+    code = ("import sys; sys.argv = ['train.py', '--config.no_such_key=1']\n"
+            "import vgg_flax.cli.main\n"
+            "assert 'vgg_flax.train.loop' not in sys.modules and 'orbax.checkpoint' not in sys.modules\n"
+            "import vgg_flax.cli.train_app\n"
+            "print('imported')")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "imported", out.stderr[-3000:]

@@ -10,10 +10,11 @@ import pytest
 from weights_server import serving
 
 import vgg_flax
-from vgg_flax import cli, predict, preprocessing
+from vgg_flax import cli, preprocessing
 from vgg_flax.convert import hashing, pretrained, registry, torch_check, torch_pickle
 from vgg_flax.convert.errors import ConversionError
 from vgg_flax.data.classes import imagenet_classes
+from vgg_flax.evaluation import predict
 
 torch = pytest.importorskip("torch")
 REL_TOL = 1e-5  # max abs logit error relative to max |logit| (fp32, eval mode)

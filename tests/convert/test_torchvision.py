@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 import vgg_flax
-from vgg_flax import cli, models, predict, preprocessing
+from vgg_flax import cli, models, preprocessing
 from vgg_flax.convert import engine, hashing, torch_check
 from vgg_flax.convert import format as wformat
 from vgg_flax.convert.errors import ConversionError
 from vgg_flax.convert.rules import Architecture
 from vgg_flax.data.classes import imagenet_classes
+from vgg_flax.evaluation import predict
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")

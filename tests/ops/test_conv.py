@@ -175,9 +175,9 @@ def test_rows_per_block_divides_height():
 
 
 def test_impl_names_and_backend_choice():
-    assert conv.resolve_impl("auto") == ("cpu" if jax.default_backend() == "cpu" else "xla")
+    assert routing.resolve_impl("auto") == ("cpu" if jax.default_backend() == "cpu" else "xla")
     with pytest.raises(KeyError, match="valid"):
-        conv.resolve_impl("fast")
+        routing.resolve_impl("fast")
 
 
 def test_other_convs_fall_back_to_lax():

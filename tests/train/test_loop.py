@@ -194,13 +194,15 @@ def test_bad_configs_fail_before_compute(tmp_path, monkeypatch):
         train(tmp_path / "d", **{"schedule.name": "cosin"})
     with pytest.raises(ValueError, match="config.eval.batch_size must be positive"):
         train(tmp_path / "e", **{"eval.batch_size": 0})
+    with pytest.raises(ValueError, match="config.data.num_classes must be positive, got 0"):
+        train(tmp_path / "i", **{"data.num_classes": 0})
     with pytest.raises(ValueError, match="config.checkpoints.keep must be positive"):
         train(tmp_path / "f", **{"checkpoints.keep": 0})
     with pytest.raises(ValueError, match="config.model.dtype must be one of"):
         train(tmp_path / "g", **{"model.dtype": "float64"})
     with pytest.raises(KeyError, match="no injected 'lr_scale'"):  # plateau with a plain optax optimizer
         train(tmp_path / "h", optimizer=optax.sgd(0.1), **{"schedule.name": "plateau"})
-    for d in "abcdefgh":
+    for d in "abcdefghi":
         assert not os.path.exists(tmp_path / d / "checkpoints" / "2")
         assert not os.path.exists(tmp_path / d / "checkpoints"), d  # nothing created, not even empty
         assert not os.path.exists(tmp_path / d / "metrics.jsonl"), d

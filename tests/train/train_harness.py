@@ -50,7 +50,6 @@ def tiny_config(**overrides):
     config.model.small_head_width = 16
     config.model.dropout_rate = 0.1
     config.data.dataset = "fake"
-    config.data.num_classes = 0
     config.global_batch_size = 8
     config.eval.batch_size = 16
     config.num_train_steps = 6
@@ -186,7 +185,6 @@ def main(argv: list[str]) -> int:
     if "--entry" in argv:
         training.input_pipeline = datasets  # what train_and_evaluate reads when given no datasets
         flags = [f"--config.{key}={value}" for key, value in overrides.items()]
-        # train_app defines its config flag at import, from sys.argv: set it first.
         sys.argv = ["train.py", "--workdir", workdir, "--config", os.path.abspath(__file__), *flags]
         from vgg_flax.cli import train_app
 

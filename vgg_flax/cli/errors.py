@@ -14,11 +14,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from vgg_flax.train import checkpoints, lock, loop
+from vgg_flax.train import errors as train_errors
 
 EXIT_USAGE = 2
-USER_ERRORS = (ValueError, KeyError, OSError, checkpoints.CheckpointError, lock.WorkdirLockedError,
-               loop.NonFiniteLossError)
+USER_ERRORS = (ValueError, KeyError, OSError, *train_errors.USER_ERRORS)
 
 
 def one_line(err: BaseException) -> str:

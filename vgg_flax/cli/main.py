@@ -89,8 +89,8 @@ def _weights_download(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from vgg_flax import predict
     from vgg_flax.convert import pretrained
+    from vgg_flax.evaluation import predict
 
     if bool(args.weights) == bool(args.model):
         raise SystemExit("vgg-flax predict: give exactly one of --weights and --model")

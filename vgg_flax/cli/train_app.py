@@ -33,8 +33,9 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from vgg_flax import configs as packaged_configs
-from vgg_flax import parallel, perf
+from vgg_flax import parallel
 from vgg_flax.cli import errors
+from vgg_flax.train import compilation_cache
 from vgg_flax.train import loop as training
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(packaged_configs.__file__))
@@ -51,13 +52,24 @@ flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() (also on when JAX_COORDINATOR_ADDRESS is set).")
 flags.DEFINE_bool("verbose", False, "Show INFO logs (JAX, TensorFlow, orbax) and the resolved config.")
 flags.DEFINE_bool("debug", False, "Show the traceback of a configuration or data error.")
-try:  # ml_collections applies the command line's --config.KEY=VALUE here, at definition
-    config_flags.DEFINE_config_file("config", os.path.join(CONFIG_DIR, "default.py"),
-                                    f"A config name ({', '.join(CONFIG_NAMES)}) or a config file path.",
-                                    lock_config=True)
-except (AttributeError, KeyError) as _err:  # a --config.KEY that the config does not have
-    sys.exit(errors.report(os.path.basename(sys.argv[0]), KeyError(f"unknown config key: {_err}")))
 flags.mark_flags_as_required(["workdir"])
+
+
+def define_config_flag(argv: list[str]) -> None:
+    """Defines --config once, with the --config.KEY=VALUE overrides of `argv`: ml_collections reads
+    them from sys.argv when the flag is defined, so this runs in `run`, not at import. A
+    --config.KEY that the config does not have is a KeyError naming it."""
+    if "config" in FLAGS:
+        return
+    saved, sys.argv = sys.argv, list(argv)
+    try:
+        config_flags.DEFINE_config_file("config", os.path.join(CONFIG_DIR, "default.py"),
+                                        f"A config name ({', '.join(CONFIG_NAMES)}) or a config file path.",
+                                        lock_config=True)
+    except (AttributeError, KeyError) as err:
+        raise KeyError(f"unknown config key: {err}") from err
+    finally:
+        sys.argv = saved
 
 
 def config_path(value: str) -> str:
@@ -145,7 +157,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_console(FLAGS.verbose)
-    cache = perf.enable_compilation_cache()  # a restarted run loads its compiled steps from disk
+    cache = compilation_cache.enable_compilation_cache()  # a restarted run loads its compiled steps from disk
     logging.info("compilation cache: %s", cache or "off")
     parallel.initialize_distributed(FLAGS.distributed or "JAX_COORDINATOR_ADDRESS" in os.environ)
     quiet_distributed(FLAGS.verbose)
@@ -158,7 +170,8 @@ def run(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     try:
         argv = argv[:1] + resolve_config_names(argv[1:])
-    except app.UsageError as err:
+        define_config_flag(argv)
+    except (app.UsageError, KeyError) as err:
         sys.exit(errors.report(os.path.basename(argv[0]), err))
     app.run(main, argv=argv, flags_parser=_parse_flags)
 

@@ -1,7 +1,7 @@
 """Attribution pictures of image files (`vgg-flax explain`): one PNG per image, or a class model.
 
 Each PNG shows the image, each method's map as a heatmap over it and the top-5 classes with their
-softmax probabilities. Images are read as `vgg_flax.predict` reads them (torchvision's evaluation
+softmax probabilities. Images are read as `vgg_flax.evaluation.predict` reads them (torchvision's evaluation
 transform, PIL only). matplotlib (the `train` extra) draws; it is imported when a picture is drawn.
 """
 
@@ -14,7 +14,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from vgg_flax import predict, preprocessing
+from vgg_flax import preprocessing
+from vgg_flax.evaluation import predict
 from vgg_flax.explain import gradients as G
 from vgg_flax.explain import maps, visualisation
 

@@ -40,7 +40,8 @@ from vgg_flax.models.configs import (
 )
 from vgg_flax.models.heads import get_head
 from vgg_flax.models.layers import initializers, local_response_norm
-from vgg_flax.ops.conv import make_conv_general_dilated, max_pool_2x2, resolve_impl
+from vgg_flax.ops.conv import make_conv_general_dilated, max_pool_2x2
+from vgg_flax.ops.routing import resolve_impl
 
 # Six feature-pyramid levels at reductions 1, 2, 4, 8, 16, 32: the activation before each pool
 # (as timm's `features_only`) and the final pooled map, which is timm's sixth level too (its

@@ -30,23 +30,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vgg_flax.ops.routing import conv_route
+from vgg_flax.ops.routing import conv_route, resolve_impl
 
-CONV_IMPLS = ("auto", "xla", "cpu")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 # Rows of the im2col block (N * R * W) to aim for: small enough for the block's patches to stay in
 # L3, large enough for each matmul to run near peak (measured in docs/PERFORMANCE.md).
 _TARGET_BLOCK_ROWS = 2048
-
-
-def resolve_impl(impl: str, platform: str | None = None) -> str:
-    """"auto" -> "cpu" on the CPU, "xla" elsewhere; checks the name. platform: the program's target
-    ("cpu", "cuda", "rocm", "tpu" or "gpu"; None: the host's `jax.default_backend()`)."""
-    if impl not in CONV_IMPLS:
-        raise KeyError(f"unknown conv_impl {impl!r}; valid: {CONV_IMPLS}")
-    if impl == "auto":
-        return "cpu" if (platform or jax.default_backend()) == "cpu" else "xla"
-    return impl
 
 
 def _plain(x, kernel, padding):

@@ -18,16 +18,30 @@ applies nothing of its own. The rules (the timings behind each threshold are in 
   fewer than 1024 pixels in the batch: one im2col matmul (the kernel transform outweighs what it
   saves; under jax.grad the transformed kernel is shared with the input gradient, so Winograd stays).
 - impl "xla" (every backend but CPU under "auto"): XLA's convolution for every pass.
+
+`resolve_impl` turns a model's conv_impl ("auto") into "cpu" or "xla" for the platform a program is
+traced for; `for_platform` fixes that choice for another platform than the host's, for programs
+lowered here and run there (`jax.export`): on a CPU host "auto" would carry the CPU path, Winograd
+and elementwise pools, into a GPU or TPU program (tests/ops/test_export.py shows it):
+
+    from jax import export
+    model = for_platform(vgg_flax.vgg16(dtype=jnp.bfloat16), ("cuda",))
+    step = steps.make_train_step(mesh, sharding, model=model, tx=tx)
+    exported = export.export(step, platforms=("cuda",))(state_shapes, batch_shapes)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import jax
 import jax.numpy as jnp
 
 # The passes a route is asked for. "dispatch": which function the Flax conv calls (a route below,
 # or "custom": `conv_same_cpu`, whose own passes are then routed); "forward": its forward under
 # jax.grad; "inference": its forward with no gradient following; "input_grad", "filter_grad".
 PASSES = ("dispatch", "forward", "inference", "input_grad", "filter_grad")
+CONV_IMPLS = ("auto", "xla", "cpu")  # a VGG's conv_impl: "auto" is resolved per platform
 ROUTES = ("xla", "im2col", "winograd", "blocked", "custom")
 
 WINOGRAD_MIN_SIDE = 4
@@ -39,6 +53,33 @@ WINOGRAD_MIN_BATCH_PIXELS = 256
 WINOGRAD_INFER_MIN_PIXELS = 1024
 BLOCKED_MIN_PIXELS = 56 * 56
 MAX_IM2COL_PIXELS = 4 * 4
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """"auto" -> "cpu" on the CPU, "xla" elsewhere; checks the name. platform: the program's target
+    ("cpu", "cuda", "rocm", "tpu" or "gpu"; None: the host's `jax.default_backend()`)."""
+    if impl not in CONV_IMPLS:
+        raise KeyError(f"unknown conv_impl {impl!r}; valid: {CONV_IMPLS}")
+    if impl == "auto":
+        return "cpu" if (platform or jax.default_backend()) == "cpu" else "xla"
+    return impl
+
+
+def for_platform(model, platforms: str | Sequence[str]):
+    """The VGG module with `conv_impl` resolved for the target platform(s) instead of the host.
+
+    Args:
+      model: a `vgg_flax.VGG`.
+      platforms: "cpu", "cuda", "rocm", "tpu" or several of them (a multi-platform export).
+    Returns:
+      model.clone(conv_impl=...): "auto" becomes "cpu" only when every target is the CPU, else the
+      portable "xla" (the CPU path is a speed choice for the CPU alone); "xla" and "cpu" are kept.
+    """
+    targets = (platforms,) if isinstance(platforms, str) else tuple(platforms)
+    if not targets:
+        raise ValueError("for_platform needs at least one platform, e.g. ('cuda',)")
+    impls = {resolve_impl(model.conv_impl, platform) for platform in targets}
+    return model.clone(conv_impl=impls.pop() if len(impls) == 1 else "xla")
 
 
 def winograd_fits(shape, c: int, d: int, dtype, *, max_pixels: int) -> bool:
@@ -64,7 +105,7 @@ def conv_route(pass_: str, n: int, h: int, w: int, c: int, d: int, *, ksize: int
       pass_: one of `PASSES`.
       n, h, w: batch and map size of the conv's input (= its output); c, d: channels in and out.
       ksize: the square kernel's side; dtype: the compute dtype.
-      impl: the resolved conv_impl, "cpu" or "xla" (`vgg_flax.ops.conv.resolve_impl`).
+      impl: the resolved conv_impl, "cpu" or "xla" (`resolve_impl`).
     Returns:
       one of `ROUTES`: "xla" (lax.conv_general_dilated or its autodiff), "im2col", "winograd",
       "blocked" (the blocked filter gradient) or, for "dispatch" only, "custom".

@@ -28,10 +28,7 @@ import numpy as np
 from vgg_flax.models import VGG, classifier_in, resolve_config
 from vgg_flax.models.configs import config_to_spec
 from vgg_flax.train import workdir as workdir_lib
-
-
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one was required."""
+from vgg_flax.train.errors import CheckpointError
 
 
 def _ocp():

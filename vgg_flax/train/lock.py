@@ -24,10 +24,7 @@ import socket
 import time
 
 from vgg_flax.train import workdir as workdir_lib
-
-
-class WorkdirLockedError(RuntimeError):
-    """Another training program owns the workdir."""
+from vgg_flax.train.errors import WorkdirLockedError
 
 
 def _pid_alive(pid: int) -> bool:

@@ -33,10 +33,7 @@ from vgg_flax.data import pipeline as input_pipeline
 from vgg_flax.train import checkpoints as ckpt_lib
 from vgg_flax.train import console, lock, metrics_log, optim, prefetch, programs, steps, warm_start
 from vgg_flax.train import workdir as workdir_lib
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or Inf; the last checkpoint written is still good."""
+from vgg_flax.train.errors import NonFiniteLossError
 
 
 class Interrupted(Exception):
@@ -99,6 +96,8 @@ def make_data(datasets, *, seed: int, dataset: str, train_split: str, eval_split
     num_classes: None for the dataset's. scale_range: (min, max) short side for augment="paper"
     (None: fixed at the paper's S). data_dir: None for TFDS's default.
     """
+    if num_classes is not None:
+        _check_positive("data.", num_classes=num_classes)  # (0 once meant "the dataset's": now None)
     try:
         info = datasets.dataset_info(dataset, data_dir=data_dir)
         num_train = info.num_examples(train_split)

@@ -7,7 +7,7 @@ whose "center" program evaluates during training). `vgg_flax.train.loop.setup` r
 this machine's devices; `vgg_flax.train.aot` compiles the very same functions ahead of time for a TPU
 slice it does not have, with the state as `abstract_state`'s shapes (nothing is materialised: VGG16's
 138M parameters stay ShapeDtypeStructs). The only difference is the conv path, fixed for the target
-platform (`vgg_flax.export.for_platform`): a CPU host would otherwise trace its own Winograd path.
+platform (`vgg_flax.ops.routing.for_platform`): a CPU host would otherwise trace its own Winograd path.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from vgg_flax import evaluation, export, parallel
+from vgg_flax import evaluation, parallel
 from vgg_flax.models import VGG
+from vgg_flax.ops import routing
 from vgg_flax.train import optim, steps
 
 
@@ -83,7 +84,7 @@ def build_programs(config, mesh: Mesh, *, num_classes: int, optimizer=None,
       num_classes: the classifier width (the dataset's, or config.data.num_classes).
       optimizer: an optax transformation instead of the `optim`/`schedule` sections.
       platform: the target ("tpu", "cuda", ...) when it is not this host's backend: the model's
-        `conv_impl` is resolved for it (`vgg_flax.export.for_platform`); None: resolved when traced.
+        `conv_impl` is resolved for it (`vgg_flax.ops.routing.for_platform`); None: resolved when traced.
       datasets: the evaluator's `create_dataset` (default: vgg_flax.data.pipeline).
       device_memory: bytes per device that bound the evaluator's views per call (default: this
         host's devices, `vgg_flax.evaluation.device_memory`; a TPU target passes its HBM).
@@ -91,7 +92,7 @@ def build_programs(config, mesh: Mesh, *, num_classes: int, optimizer=None,
     tx, plateau = build_optimizer(config, optimizer)
     model = VGG.from_config(config.model.to_dict(), num_classes=num_classes)
     if platform is not None:
-        model = export.for_platform(model, platform)
+        model = routing.for_platform(model, platform)
     shapes = abstract_state(model, tx, image_size=config.data.image_size)
     sharding = steps.state_sharding_like(shapes, mesh)
     image_size = config.data.image_size

@@ -20,8 +20,8 @@ import optax
 from jax.sharding import Mesh
 
 from vgg_flax import parallel
+from vgg_flax.evaluation.topk import topk_hits
 from vgg_flax.ops import conv
-from vgg_flax.topk import topk_hits
 from vgg_flax.train import optim
 
 

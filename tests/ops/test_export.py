@@ -16,8 +16,8 @@ from jax import export
 
 import vgg_flax
 from vgg_flax import evaluation, parallel
-from vgg_flax.export import for_platform
-from vgg_flax.ops import conv
+from vgg_flax.ops import conv, routing
+from vgg_flax.ops.routing import for_platform
 from vgg_flax.train import optim, steps
 
 SMALL = (64, "M", 64, "M", 64, "M")  # 32 px: 32, 16 and 8 px maps, where the CPU path is Winograd
@@ -125,7 +125,7 @@ def test_vgg16_conv_stack_lowers_for_cuda_and_tpu_in_one_module():
 def test_the_host_default_still_takes_the_cpu_path():
     """Without for_platform an "auto" model lowered on this CPU host carries the CPU path, also
     into a cuda export: the checks above would catch the host's choice leaking into a GPU program."""
-    assert jax.default_backend() == "cpu" and conv.resolve_impl("auto") == "cpu"
+    assert jax.default_backend() == "cpu" and routing.resolve_impl("auto") == "cpu"
     host = _model(SMALL)
     assert for_platform(host, "cpu").conv_impl == "cpu"
     for platforms in [("cpu",), ("cuda",)]:
@@ -142,7 +142,7 @@ def test_for_platform_resolution():
         ["cpu", "xla", "xla", "xla"]
     assert for_platform(auto, ("cpu", "cuda")).conv_impl == "xla"  # portable for a mixed export
     assert for_platform(_model(SMALL, conv_impl="cpu"), "cuda").conv_impl == "cpu"  # explicit: kept
-    assert conv.resolve_impl("auto", "gpu") == "xla"
+    assert routing.resolve_impl("auto", "gpu") == "xla"
     with pytest.raises(ValueError, match="at least one platform"):
         for_platform(auto, ())
 
@@ -169,7 +169,8 @@ print("ok")
 def test_train_step_lowers_on_an_8_device_mesh():
     """The data-parallel step over 8 devices (forced host devices, in a subprocess) for cuda/tpu."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])}
+        [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+         os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES, os.path.dirname(__file__)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -43,8 +43,8 @@ import jax
 import numpy as np
 
 from vgg_flax import parallel
+from vgg_flax.evaluation.topk import topk_hits
 from vgg_flax.models.configs import conv_width, is_conv_layer, is_pool_layer, layer_names
-from vgg_flax.topk import topk_hits
 
 # Evaluation memory is a budget, not a view count: one network call's activations may take this
 # fraction of a device's memory (on CPU, of the host's, shared by its devices); the rest holds the
@@ -285,7 +285,7 @@ def posteriors(model, variables, name: str, split: str, *, protocol: str, scale:
 
 
 def topk_correct(probs: np.ndarray, labels: np.ndarray, k: int) -> int:
-    """How many rows rank their label among the k highest posteriors (`vgg_flax.topk`'s tie rule:
+    """How many rows rank their label among the k highest posteriors (`vgg_flax.evaluation.topk`'s tie rule:
     the lower index first)."""
     return int(np.sum(topk_hits(probs, labels, k)))
 

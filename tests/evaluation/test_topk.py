@@ -1,11 +1,12 @@
-"""vgg_flax.topk: one tie rule (lower index first), the same for numpy and JAX inputs, as lax.top_k."""
+"""vgg_flax.evaluation.topk: one tie rule (lower index first), the same for numpy and JAX inputs,
+as lax.top_k."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vgg_flax.topk import topk_hits
+from vgg_flax.evaluation.topk import topk_hits
 
 
 def test_hand_examples_with_ties():

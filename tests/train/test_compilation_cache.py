@@ -1,5 +1,5 @@
-"""JAX's persistent compilation cache (vgg_flax.perf): where it goes, and that enabling it writes
-compiled programs there that a later compilation reads back."""
+"""JAX's persistent compilation cache (vgg_flax.train.compilation_cache): where it goes, and that
+enabling it writes compiled programs there that a later compilation reads back."""
 
 import os
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from vgg_flax import perf
+from vgg_flax.train import compilation_cache as perf
 
 OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
            "jax_persistent_cache_min_entry_size_bytes")

@@ -191,7 +191,7 @@ def test_cli_eval_reads_a_training_workdir(tmp_path, capsys):
     from vgg_flax.train import loop as training
 
     spec = importlib.util.spec_from_file_location(
-        "default_config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"))
+        "default_config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "default.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
