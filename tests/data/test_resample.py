@@ -39,7 +39,8 @@ def test_scale_and_translate_is_tensorflows_bit_for_bit(shape, size, scale, tran
     np.testing.assert_array_equal(flipped.numpy(), want[:, ::-1])
 
 
-@pytest.mark.parametrize("shape,size", [((375, 500), (224, 224)), ((60, 41), (224, 224)), ((37, 80), (20, 43))])
+@pytest.mark.parametrize("shape,size",
+                         [((375, 500), (224, 224)), ((60, 41), (224, 224)), ((37, 80), (20, 43))])
 def test_resize_is_tf_image_resize_antialiased_bit_for_bit(shape, size):
     image = tf.constant(np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8))
     want = tf.image.resize(image, size, method="bilinear", antialias=True).numpy()
