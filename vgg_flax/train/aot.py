@@ -108,8 +108,8 @@ class ProgramReport:
 
     @property
     def peak_fraction(self) -> float:
-        """Analytic FLOPs at the bound as a fraction of the chip's peak (the MFU it allows)."""
-        return self.analytic_flops / self.bound_seconds / self.peak_flops
+        """XLA's FLOPs at the bound as a fraction of the chip's peak (1 when compute-bound)."""
+        return self.compute_seconds / self.bound_seconds
 
     def collective_bytes(self, op: str = "all-reduce") -> int:
         return sum(c.bytes for c in self.collectives if c.op == op)
