@@ -159,4 +159,9 @@ def main(argv: list[str]) -> int:
     unknown = [a for a in rest if a.startswith("-") and not a.startswith(("--config", "-config"))]
     if unknown:
         return errors.report(PROG, ValueError(f"unrecognized arguments: {' '.join(unknown)}"))
-    return errors.run_command(PROG, lambda: _compile(args, rest), debug=args.debug)
+    try:
+        return errors.run_command(PROG, lambda: _compile(args, rest), debug=args.debug)
+    except aot.NoTpuCompilerError as err:
+        if args.debug:
+            raise
+        return errors.report(PROG, err)
