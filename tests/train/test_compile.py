@@ -162,6 +162,17 @@ def test_cli_unknown_topology_lists_the_valid_ones(capsys):
         assert f"{s.topology} ({s.name})" in err
 
 
+def test_cli_without_libtpu_is_one_line(capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else
+                        real(name, *a))
+    status = cli_main(["compile", "--topology", TOPOLOGY, "--config.data.num_classes=10"])
+    err = capsys.readouterr().err
+    assert status == 2 and err == ("vgg-flax compile: error: compiling for a TPU needs libtpu, the TPU "
+                                   "compiler: pip install 'vgg-flax[tpu]' (jax[tpu] at the installed "
+                                   "jax's version; Linux x86-64)\n")
+
+
 def test_cli_unknown_config_key_is_one_line(capsys):
     status = cli_main(["compile", "--topology", TOPOLOGY, "--config.model.no_such_key=1"])
     err = capsys.readouterr().err

@@ -58,7 +58,11 @@ def load_config(config_args: list[str]):
 
 
 def _mib(b: float) -> str:
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+    """Bytes in GiB, MiB, KiB or B."""
+    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if b >= scale:
+            return f"{b / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{b:.0f} B"
 
 
 def _ms(seconds: float) -> str:
@@ -155,4 +159,9 @@ def main(argv: list[str]) -> int:
     unknown = [a for a in rest if a.startswith("-") and not a.startswith(("--config", "-config"))]
     if unknown:
         return errors.report(PROG, ValueError(f"unrecognized arguments: {' '.join(unknown)}"))
-    return errors.run_command(PROG, lambda: _compile(args, rest), debug=args.debug)
+    try:
+        return errors.run_command(PROG, lambda: _compile(args, rest), debug=args.debug)
+    except aot.NoTpuCompilerError as err:
+        if args.debug:
+            raise
+        return errors.report(PROG, err)

@@ -40,6 +40,10 @@ FIT_HINT = ("use a smaller per-chip batch (more chips or a smaller global_batch_
 _OOM = re.compile(r"required for ([\w ]+?) \(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)")
 
 
+class NoTpuCompilerError(RuntimeError):
+    """libtpu (the `tpu` extra) is not installed."""
+
+
 class DoesNotFitError(ValueError):
     """A compiled program needs more HBM per chip than the chip has."""
 
@@ -108,8 +112,8 @@ class ProgramReport:
 
     @property
     def peak_fraction(self) -> float:
-        """Analytic FLOPs at the bound as a fraction of the chip's peak (the MFU it allows)."""
-        return self.analytic_flops / self.bound_seconds / self.peak_flops
+        """XLA's FLOPs at the bound as a fraction of the chip's peak (1 when compute-bound)."""
+        return self.compute_seconds / self.bound_seconds
 
     def collective_bytes(self, op: str = "all-reduce") -> int:
         return sum(c.bytes for c in self.collectives if c.op == op)
@@ -231,7 +235,13 @@ def num_classes_of(config) -> int:
 
 def slice_mesh(tpu_slice: tpu_slices.Slice, num_slices: int = 1, *, quiet: bool = True):
     """(the data-parallel mesh over the slice's compile-only devices, the process count)."""
+    import importlib.util
+
     from jax.experimental import topologies
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise NoTpuCompilerError("compiling for a TPU needs libtpu, the TPU compiler: pip install "
+                                 "'vgg-flax[tpu]' (jax[tpu] at the installed jax's version; Linux x86-64)")
 
     tpu_slices.set_compile_only_environment(tpu_slice, quiet=quiet)
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
