@@ -23,7 +23,7 @@ import train_harness
 from vgg_flax.train import checkpoints
 
 HARNESS = os.path.join(train_harness.ROOT, "tests", "train", "train_harness.py")
-STEPS = 12
+STEPS = 16  # at 0.3 s a batch, a signal at step 3 leaves ~4 s for the processes to agree
 # Plateau rule with every evaluation "stalling": the learning-rate scale changes at step 3 and must
 # survive the stop and resume like the parameters.
 RUN = {"num_train_steps": STEPS, "schedule.name": "plateau", "schedule.patience": 1,
