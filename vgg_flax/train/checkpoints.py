@@ -128,7 +128,7 @@ class Checkpoints:
             enable_async_checkpointing=self.async_save,
             cleanup_tmp_directories=True, create=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-        return ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+        return _manager_class()(self.directory, item_handlers=handlers, options=options)
 
     def due(self, step: int, last_step: int) -> bool:
         """Whether the loop saves after `step` (every `every_steps`, and the last step)."""
@@ -246,6 +246,24 @@ class Checkpoints:
         with _tidy_reads():
             out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item)))
         return out["state"]
+
+
+def _manager_class():
+    """orbax's CheckpointManager, except that it never asks JAX's preemption sync point itself.
+
+    Why: the training loop asks `reached_preemption_sync_point` once per step, with its own step
+    count, to learn the step at which every process stops (loop._StopFlag). The sync manager keeps
+    the last count it was given and, on a notice, agrees on the largest count + 1; orbax's own calls
+    (with the saved step, also from its background finalize thread, after the loop has moved on)
+    would hand it a stale count, and an agreed step already passed would never come.
+    """
+    ocp = _ocp()
+
+    class Manager(ocp.CheckpointManager):
+        def reached_preemption(self, step: int) -> bool:
+            return False
+
+    return Manager
 
 
 def _top1(metrics: dict) -> float:
