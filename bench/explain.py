@@ -50,6 +50,8 @@ def main(argv=None):
                                                "batch x steps network passes")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ig-repeats", type=int, default=2)
+    p.add_argument("--internal-batch", type=int,
+                   help="images per network call in IG, both sides (default 4 x batch)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "cpu"))
     args = p.parse_args(argv)
@@ -66,7 +68,7 @@ def main(argv=None):
     reference, model, variables, x, tx, targets = _setup(args)
     ig_size = args.ig_size or args.size
     ig_x, ig_tx = x[:, :ig_size, :ig_size], tx[:, :, :ig_size, :ig_size].contiguous()
-    internal = args.batch * 4  # path points x images per network call, for both
+    internal = args.internal_batch or args.batch * 4  # path points x images per call, both sides
 
     def ours_cam():
         return jax.block_until_ready(explain.grad_cam(model, variables, x, targets, tap="relu5_3"))
@@ -93,8 +95,8 @@ def main(argv=None):
     # IG runs batch x steps images per call: no untimed warm-up beyond ours' compile call above.
     times.update(common.interleaved({"ours IG": ours_ig, "captum IG": torch_ig}, warmup=0,
                                     repeats=args.ig_repeats))
-    print(f"VGG16, batch {args.batch} at {args.size}x{args.size} (IG at {ig_size}x{ig_size}), IG "
-          f"{args.steps} steps, conv_impl "
+    print(f"VGG16, batch {args.batch} at {args.size}x{args.size} (IG at {ig_size}x{ig_size}, {internal} "
+          f"images per call), IG {args.steps} steps, conv_impl "
           f"{args.conv_impl!r}, {args.repeats} repeats (median s; all times {times})")
     for name, t in times.items():
         print(f"  {name:20s} {common.median(t):8.2f} s  {args.batch / common.median(t):6.2f} images/s")
