@@ -18,6 +18,7 @@ from vgg_flax.cli import train_app
 from vgg_flax.convert.format import save_pretrained
 from vgg_flax.train import lock
 from vgg_flax.train import loop as training
+from vgg_flax.train import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests", "train"))
@@ -125,7 +126,7 @@ def test_training_program_unknown_dataset_and_locked_workdir(tmp_path):
         assert len(lines) == 1 and lines[0].startswith(
             f"train: error: workdir {tmp_path / 'w'} is in use by pid {os.getpid()} on "
             f"{socket.gethostname()} (started "), out.stderr[-3000:]
-        assert os.listdir(tmp_path / "w") == [lock.LOCK_FILE]  # no step, no file written
+        assert os.listdir(tmp_path / "w") == [workdir_lib.LOCK_FILE]  # no step, no file written
 
 
 @pytest.mark.parametrize("nan_at, says", [(1, "no checkpoint yet"),

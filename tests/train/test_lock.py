@@ -14,6 +14,7 @@ from train_harness import FakeDatasets, tiny_config
 
 from vgg_flax.train import lock
 from vgg_flax.train import loop as training
+from vgg_flax.train import workdir as workdir_lib
 
 HARNESS = os.path.join(train_harness.ROOT, "tests", "train", "train_harness.py")
 ENV = {**{k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")},
@@ -32,7 +33,7 @@ def _dead_pid() -> int:
 
 def _write_lock(workdir, **owner):
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, lock.LOCK_FILE), "w") as f:
+    with open(os.path.join(workdir, workdir_lib.LOCK_FILE), "w") as f:
         json.dump({"started": "2026-01-01T00:00:00+00:00", **owner}, f)
 
 
@@ -52,7 +53,7 @@ def test_two_programs_on_one_workdir_one_is_refused(tmp_path):
     rows = _rows(work)  # exactly one run's rows: steps 1..6 once each, evals at 3 and 6
     assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in rows if "eval_top1" in r] == [3, 6]
-    assert not os.path.exists(work / lock.LOCK_FILE)  # released at exit
+    assert not os.path.exists(work / workdir_lib.LOCK_FILE)  # released at exit
 
 
 def test_stale_lock_of_a_dead_program_is_taken_over(tmp_path, caplog):
@@ -60,9 +61,9 @@ def test_stale_lock_of_a_dead_program_is_taken_over(tmp_path, caplog):
     _write_lock(tmp_path, host=socket.gethostname(), pid=pid)
     with caplog.at_level(logging.WARNING):
         training.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path), datasets=FakeDatasets())
-    assert f"stale lock {tmp_path / lock.LOCK_FILE} of pid {pid}" in caplog.text
+    assert f"stale lock {tmp_path / workdir_lib.LOCK_FILE} of pid {pid}" in caplog.text
     assert [r["step"] for r in _rows(tmp_path) if "train_loss" in r] == [1, 2]
-    assert not os.path.exists(tmp_path / lock.LOCK_FILE)
+    assert not os.path.exists(tmp_path / workdir_lib.LOCK_FILE)
 
 
 @pytest.mark.parametrize("owner", ["live_pid_here", "other_host"])
@@ -72,7 +73,7 @@ def test_lock_of_a_live_or_foreign_owner_is_respected(tmp_path, owner):
     _write_lock(tmp_path, host=host, pid=pid)
     with pytest.raises(lock.WorkdirLockedError, match=f"in use by pid {pid} on {host} .*delete"):
         training.train_and_evaluate(tiny_config(), str(tmp_path), datasets=FakeDatasets())
-    assert sorted(os.listdir(tmp_path)) == [lock.LOCK_FILE]  # nothing created, the lock left alone
+    assert sorted(os.listdir(tmp_path)) == [workdir_lib.LOCK_FILE]  # nothing created, the lock left alone
 
 
 def test_lock_is_released_on_error_and_a_refused_config_leaves_no_workdir(tmp_path):
@@ -87,7 +88,7 @@ def test_lock_is_released_on_error_and_a_refused_config_leaves_no_workdir(tmp_pa
                                 "lock.WorkdirLock(sys.argv[1]).__enter__()", str(tmp_path)],
                                env=ENV, capture_output=True, text=True, timeout=120)
         assert other.returncode != 0 and f"in use by pid {os.getpid()}" in other.stderr
-    assert not os.path.exists(tmp_path / lock.LOCK_FILE)
+    assert not os.path.exists(tmp_path / workdir_lib.LOCK_FILE)
     with lock.WorkdirLock(str(tmp_path)):  # free again
         pass
 
@@ -98,7 +99,7 @@ def test_refusal_names_an_owner_that_writes_its_record_just_after_locking(tmp_pa
     import fcntl
     import threading
 
-    path = tmp_path / lock.LOCK_FILE
+    path = tmp_path / workdir_lib.LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, still empty
     record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "now"}).encode()

@@ -80,14 +80,13 @@ def test_training_evaluates_every_example_once_through_the_evaluator(process_cou
     evaluator = evaluation.Evaluator(model, image_size=32, mesh=parallel.create_mesh(),
                                      datasets=FakeDatasets())
     state = types.SimpleNamespace(params=variables["params"], batch_stats=variables["batch_stats"])
+    if process_count == 1:
+        data = types.SimpleNamespace(dataset="fake", eval_split="test", data_dir=None,
+                                     normalization="symmetric")
+        run = types.SimpleNamespace(data=data, evaluator=evaluator, eval=types.SimpleNamespace(batch_size=16))
+        assert training.evaluate_run(run, state) == pytest.approx(expected, rel=1e-5)
     probs, got = [], []
     for index in range(process_count):
-        data = types.SimpleNamespace(dataset="fake", eval_split="test", options=dict(
-            image_size=32, seed=0, process_index=index, process_count=process_count))
-        run = types.SimpleNamespace(data=data, evaluator=evaluator, eval=types.SimpleNamespace(batch_size=16))
-        if process_count == 1:
-            metrics = training.evaluate_run(run, state)
-            assert metrics == pytest.approx(expected, rel=1e-5)
         p, lb = evaluator.posteriors(steps.variables(state), "fake", "test", protocol="center",
                                      batch_size=16, process_index=index, process_count=process_count)
         probs.append(p)
@@ -104,7 +103,7 @@ class _SignalAt(FakeDatasets):
         super().__init__()
         self.signum, self.step = signum, step
 
-    def train(self, batch_size, seed, start_step, pi, pc):
+    def _train(self, batch_size, seed, start_step, pi, pc):
         for step, batch in enumerate(super()._train(batch_size, seed, start_step, pi, pc), start_step + 1):
             if step == self.step:
                 os.kill(os.getpid(), self.signum)

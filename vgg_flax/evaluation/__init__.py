@@ -295,12 +295,13 @@ def metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float | int]:
     once. loss: the mean negative log posterior of the label (for "center", the cross-entropy)."""
     picked = np.take_along_axis(probs, labels[:, None].astype(np.int64), axis=1)[:, 0]
     nll = -np.log(np.maximum(picked.astype(np.float64), np.finfo(np.float32).tiny))
-    sums = np.asarray([topk_correct(probs, labels, 1), topk_correct(probs, labels, 5), nll.sum(),
-                       len(labels)], np.float64)
-    sums = parallel.sum_over_processes(sums)
-    count = int(sums[3])
-    return {"top1": float(sums[0] / max(count, 1)), "top5": float(sums[1] / max(count, 1)),
-            "loss": float(sums[2] / max(count, 1)), "count": count}
+    counts = parallel.sum_over_processes(np.asarray(
+        [topk_correct(probs, labels, 1), topk_correct(probs, labels, 5), len(labels)], np.int64))
+    # (a float sum gathered over processes is float32: exact for the counts above, not for this)
+    loss = float(parallel.sum_over_processes(np.asarray([nll.sum()]))[0])
+    count = int(counts[2])
+    return {"top1": float(counts[0] / max(count, 1)), "top5": float(counts[1] / max(count, 1)),
+            "loss": loss / max(count, 1), "count": count}
 
 
 def evaluate(model, variables, name: str, split: str, *, image_size: int = 224,
