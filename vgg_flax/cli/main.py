@@ -209,9 +209,9 @@ def _explain(args: argparse.Namespace) -> int:
         norm = dataclasses.replace(norm, resize=size, crop=size)
     classes = imagenet_classes() if model.num_classes == 1000 else None
     if args.weights:
-        from vgg_flax.convert import weights
+        from vgg_flax.convert import format as wformat
 
-        classes = weights.pretrained_metadata(args.weights)["classes"] or classes
+        classes = wformat.pretrained_metadata(args.weights)["classes"] or classes
     target = None if args.target == "top1" else int(args.target)
     if methods == [pictures.CLASS_MODEL]:
         print(pictures.class_model_file(model, variables, norm, target, args.out, classes=classes,
