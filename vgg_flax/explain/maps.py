@@ -22,7 +22,6 @@ import numpy as np
 
 from vgg_flax.explain import gradients as G
 from vgg_flax.models import get_head
-from vgg_flax.ops import routing
 
 # Captum's integration rules (captum.attr._utils.approximation_methods): n -> (alphas, weights).
 # "gausslegendre" is captum's default; the Riemann weights are captum's 1/n each, halved at both
@@ -114,19 +113,6 @@ def _grad_cam_pp(model, variables, images, targets, tap=None, upsample=True):
     return _cam(model, variables, images, targets, tap, upsample, _grad_cam_pp_weights)
 
 
-# Network calls unrolled at most, on the CPU conv path: XLA:CPU runs the convolutions and matmuls of
-# a while loop's body several times slower than the same calls unrolled (the rule of
-# `vgg_flax.train.steps`' gradient accumulation), and each unrolled call adds its compile time.
-MAX_UNROLLED_CALLS = 16
-
-
-def _unroll(model, calls: int) -> int:
-    """scan's unroll for `calls` network calls: all of them on the CPU conv path up to
-    MAX_UNROLLED_CALLS (no while loop), else 1."""
-    cpu = routing.resolve_impl(model.conv_impl) == "cpu"
-    return calls if cpu and calls <= MAX_UNROLLED_CALLS else 1
-
-
 def _integrated_gradients(model, variables, images, targets, baseline=None, steps=50,
                           rule="gausslegendre", per_channel=False, internal_batch=32):
     if rule not in IG_RULES:
@@ -146,8 +132,7 @@ def _integrated_gradients(model, variables, images, targets, baseline=None, step
         g = G.gradients(model, variables, x, jnp.tile(targets, k)).input_grad
         return total + jnp.einsum("k,knhwc->nhwc", w, g.reshape(k, n, *images.shape[1:])), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros_like(images), (jnp.asarray(alphas), jnp.asarray(weights)),
-                            unroll=_unroll(model, alphas.shape[0]))
+    total, _ = jax.lax.scan(body, jnp.zeros_like(images), (jnp.asarray(alphas), jnp.asarray(weights)))
     attributions = total * delta
     return attributions if per_channel else attributions.sum(axis=-1)
 
@@ -243,8 +228,7 @@ def integrated_gradients(model: Any, variables: Any, images: Any, targets: Any =
         normalisation).
       steps, rule: the quadrature, as captum's `n_steps` and `method` (`IG_RULES`; default captum's
         Gauss-Legendre with 50 points).
-      internal_batch: images per network call (path points times N), bounding memory; on the CPU conv
-        path up to MAX_UNROLLED_CALLS calls are unrolled into one program (faster, longer compile).
+      internal_batch: images per network call (path points times N), bounding memory.
     Returns:
       float32[N, H, W], the attributions summed over channels (completeness: each map sums to
       S_c(x) - S_c(x') up to the integration error); per_channel=True: float32[N, H, W, 3].
