@@ -113,27 +113,38 @@ def _grad_cam_pp(model, variables, images, targets, tap=None, upsample=True):
     return _cam(model, variables, images, targets, tap, upsample, _grad_cam_pp_weights)
 
 
-def _integrated_gradients(model, variables, images, targets, baseline=None, steps=50,
-                          rule="gausslegendre", per_channel=False, internal_batch=32):
+def _ig_path(steps: int, rule: str, n: int, internal_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(alphas, weights), each float32[calls, k]: the quadrature's path points, k per network call
+    (k images-worth of N each; padded points have weight 0)."""
     if rule not in IG_RULES:
         raise KeyError(f"unknown integration rule {rule!r}; valid rules: {sorted(IG_RULES)}")
-    n = images.shape[0]
-    baseline = jnp.zeros_like(images) if baseline is None else jnp.broadcast_to(baseline, images.shape)
     alphas, weights = IG_RULES[rule](steps)
-    k = max(1, min(steps, internal_batch // n))  # path points per network call
-    pad = -steps % k  # padded points have weight 0
+    k = max(1, min(steps, internal_batch // n))
+    pad = -steps % k
     alphas = np.r_[alphas, np.zeros(pad)].reshape(-1, k).astype(np.float32)
     weights = np.r_[weights, np.zeros(pad)].reshape(-1, k).astype(np.float32)
-    delta = images - baseline
+    return alphas, weights
+
+
+def _ig_call(model, variables, images, targets, baseline, a, w):
+    """One network call of Integrated Gradients: sum_j w_j dS_c/dx(x' + a_j (x - x')), float[N, H, W, 3]."""
+    k, n = a.shape[0], images.shape[0]
+    x = (baseline[None] + a[:, None, None, None, None] * (images - baseline)[None])
+    g = G.gradients(model, variables, x.reshape(-1, *images.shape[1:]), jnp.tile(targets, k)).input_grad
+    return jnp.einsum("k,knhwc->nhwc", w, g.reshape(k, n, *images.shape[1:]))
+
+
+def _integrated_gradients(model, variables, images, targets, baseline=None, steps=50,
+                          rule="gausslegendre", per_channel=False, internal_batch=32):
+    """The traceable core (for `smooth_grad`): the network calls in a scan."""
+    baseline = jnp.zeros_like(images) if baseline is None else jnp.broadcast_to(baseline, images.shape)
+    alphas, weights = _ig_path(steps, rule, images.shape[0], internal_batch)
 
     def body(total, aw):
-        a, w = aw
-        x = (baseline[None] + a[:, None, None, None, None] * delta[None]).reshape(-1, *images.shape[1:])
-        g = G.gradients(model, variables, x, jnp.tile(targets, k)).input_grad
-        return total + jnp.einsum("k,knhwc->nhwc", w, g.reshape(k, n, *images.shape[1:])), None
+        return total + _ig_call(model, variables, images, targets, baseline, *aw), None
 
     total, _ = jax.lax.scan(body, jnp.zeros_like(images), (jnp.asarray(alphas), jnp.asarray(weights)))
-    attributions = total * delta
+    attributions = total * (images - baseline)
     return attributions if per_channel else attributions.sum(axis=-1)
 
 
@@ -161,6 +172,14 @@ def _smooth_grad(model, variables, images, targets, method="saliency", samples=5
     keys = jax.random.split(jax.random.key(seed), samples)
     total, _ = jax.lax.scan(body, jnp.zeros(first.shape, first.dtype), keys)
     return total / samples
+
+
+_ig_call_jit = jax.jit(_ig_call, static_argnames=("model",))
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _top1(model, variables, images):
+    return jnp.argmax(model.apply(variables, images, train=False), -1).astype(jnp.int32)
 
 
 _STATIC = ("model", "per_channel", "tap", "upsample", "steps", "rule", "internal_batch", "method",
@@ -233,9 +252,20 @@ def integrated_gradients(model: Any, variables: Any, images: Any, targets: Any =
       float32[N, H, W], the attributions summed over channels (completeness: each map sums to
       S_c(x) - S_c(x') up to the integration error); per_channel=True: float32[N, H, W, 3].
     """
-    return _public(_integrated_gradients, model, variables, images, targets, baseline=baseline,
-                   steps=int(steps), rule=rule, per_channel=per_channel,
-                   internal_batch=int(internal_batch))
+    # One jitted network call run per chunk of path points, not a scan over them: XLA:CPU runs the
+    # convolutions of a while loop's body several times slower (as `vgg_flax.train.steps` notes),
+    # and unrolling them all would hold every call's activations at once.
+    model, variables, images, targets = _prepare(model, variables, images, targets)
+    if targets is None:  # every path point explains the clean image's top-1
+        targets = _top1(model, variables, images)
+    baseline = (jnp.zeros_like(images) if baseline is None
+                else jnp.broadcast_to(jnp.asarray(baseline, images.dtype), images.shape))
+    alphas, weights = _ig_path(int(steps), rule, images.shape[0], int(internal_batch))
+    total = jnp.zeros_like(images)
+    for a, w in zip(alphas, weights, strict=True):
+        total = total + _ig_call_jit(model, variables, images, targets, baseline, a, w)
+    attributions = total * (images - baseline)
+    return attributions if per_channel else attributions.sum(axis=-1)
 
 
 def smooth_grad(model: Any, variables: Any, images: Any, targets: Any = None, *,
