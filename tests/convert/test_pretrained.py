@@ -17,26 +17,17 @@ from vgg_flax.data.classes import imagenet_classes
 from vgg_flax.evaluation import predict
 
 torch = pytest.importorskip("torch")
+from torch_reference import randomize_bn  # noqa: E402  (needs torch)
+
 REL_TOL = 1e-5  # max abs logit error relative to max |logit| (fp32, eval mode)
 
-
-def _randomize_bn(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.5
-            m.running_var = torch.rand(n, generator=g) * 2 + 0.25
-    return module.eval()
 
 
 def _reference(seed=2, **fields):
     """A torch module in torchvision's layout (a 64-wide classifier keeps the files small)."""
     torch.manual_seed(seed)
     fields = {"config": "A", "batch_norm": True, "fc_width": 64, "num_classes": 1000, **fields}
-    return _randomize_bn(torch_check.torch_reference(vgg_flax.VGG(**fields)), seed)
+    return randomize_bn(torch_check.torch_reference(vgg_flax.VGG(**fields)), seed)
 
 
 def _file_bytes(state, legacy=True):

@@ -19,23 +19,11 @@ from vgg_flax.evaluation import predict
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
+from torch_reference import randomize_bn  # noqa: E402  (needs torch)
 
 TORCHVISION_NAMES = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
 REL_TOL = 1e-5  # max abs logit error relative to max |logit| (fp32, eval mode)
 
-
-def _randomize_bn(module, seed=0):
-    """Non-trivial BatchNorm: random scale, shift and running statistics (eval mode uses them)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.5
-            m.running_var = torch.rand(n, generator=g) * 2 + 0.25
-            m.num_batches_tracked.fill_(1234)
-    return module.eval()
 
 
 def _rel_err(got, expected):
@@ -62,7 +50,7 @@ def _assert_trees_equal(a, b):
 @pytest.mark.parametrize("name", TORCHVISION_NAMES)
 def test_logits_equal_torchvision_and_round_trip_is_exact(name):
     torch.manual_seed(TORCHVISION_NAMES.index(name))
-    reference = _randomize_bn(getattr(torchvision.models, name)())
+    reference = randomize_bn(getattr(torchvision.models, name)())
     source = reference.state_dict()
     model, variables = vgg_flax.load_torchvision(source)
     assert (model.config, model.batch_norm) == (vgg_flax.MODELS[name].keywords["config"],
@@ -124,7 +112,7 @@ def test_paper_only_configs_convert_from_a_torchvision_layout(config):
 @pytest.fixture(scope="module")
 def vgg11_bn():
     torch.manual_seed(1)
-    return _randomize_bn(torchvision.models.vgg11_bn(), seed=1)
+    return randomize_bn(torchvision.models.vgg11_bn(), seed=1)
 
 
 def _score_map_mean(reference, x):
@@ -178,7 +166,7 @@ def test_timm_layout_gives_the_same_variables(vgg11_bn, tmp_path):
 @pytest.fixture(scope="module")
 def slim():
     torch.manual_seed(2)
-    reference = _randomize_bn(torch_check.torch_reference(
+    reference = randomize_bn(torch_check.torch_reference(
         vgg_flax.VGG(config="A", batch_norm=True, fc_width=64, num_classes=1000)), seed=2)
     return reference, reference.state_dict()
 

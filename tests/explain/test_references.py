@@ -18,24 +18,14 @@ from vgg_flax import explain
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
+from torch_reference import randomize_bn  # noqa: E402  (needs torch)
+
 pytest.importorskip("pytorch_grad_cam")
 pytest.importorskip("captum")
 
 REL_TOL = 1e-4
 SIZE = 64
 
-
-def _randomize_bn(module, seed=0):
-    """Non-trivial BatchNorm: random scale, shift and running statistics (eval mode uses them)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.data = torch.rand(n, generator=g) + 0.5
-            m.bias.data = torch.randn(n, generator=g) * 0.1
-            m.running_mean = torch.randn(n, generator=g) * 0.5
-            m.running_var = torch.rand(n, generator=g) * 2 + 0.25
-    return module.eval()
 
 
 def _tap_modules(features):
@@ -58,7 +48,7 @@ def pair(request):
     torch.manual_seed(0)
     reference = getattr(torchvision.models, request.param)().eval()
     if request.param.endswith("_bn"):
-        reference = _randomize_bn(reference, seed=1)
+        reference = randomize_bn(reference, seed=1)
     model, variables = vgg_flax.load_torchvision(reference.state_dict())
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
     return request.param, reference, model, variables, x
