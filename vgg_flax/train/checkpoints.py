@@ -252,7 +252,7 @@ def _manager_class():
     """orbax's CheckpointManager, except that it never asks JAX's preemption sync point itself.
 
     Why: the training loop asks `reached_preemption_sync_point` once per step, with its own step
-    count, to learn the step at which every process stops (loop._StopFlag). The sync manager keeps
+    count, to learn the step at which every process stops (stopping.StopFlag). The sync manager keeps
     the last count it was given and, on a notice, agrees on the largest count + 1; orbax's own calls
     (with the saved step, also from its background finalize thread, after the loop has moved on)
     would hand it a stale count, and an agreed step already passed would never come.

@@ -5,17 +5,15 @@ the batch against the device count, the dataset, the class count against startin
 model, optimizer and a replicated TrainState, resume from the newest readable checkpoint, then loop:
 a jitted `train_step` per global batch, evaluation every `eval.every_steps` (feeding the plateau
 rule), checkpoints every `checkpoints.every_steps`, at the end and on SIGTERM/SIGINT (on several
-processes at one step that all of them agree on, `_StopFlag`). The data order
-is a function of (seed, step) and dropout keys are folded from (seed, step), so a run killed at any
-moment and restarted with the same command ends with the same parameters as one never interrupted.
+processes at one step that all of them agree on: `stopping.StopFlag`). The data order is a function
+of (seed, step) and dropout keys are folded from (seed, step), so a run killed at any moment and restarted
+with the same command ends with the same parameters as one never interrupted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from vgg_flax import evaluation, parallel
@@ -34,15 +31,7 @@ from vgg_flax.train import checkpoints as ckpt_lib
 from vgg_flax.train import console, lock, metrics_log, optim, prefetch, programs, steps, warm_start
 from vgg_flax.train import workdir as workdir_lib
 from vgg_flax.train.errors import NonFiniteLossError
-
-
-class Interrupted(Exception):
-    """SIGTERM/SIGINT arrived; the state was checkpointed at `step` before stopping."""
-
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by signal {signum} after saving step {step}")
-        self.signum, self.step = signum, step
-
+from vgg_flax.train.stopping import Interrupted, StopFlag
 
 # float16 trains with float32 parameters and no loss scaling: gradient values below float16's
 # smallest subnormal (6e-8) flush to zero and those below 6e-5 lose precision, more so at large
@@ -268,65 +257,6 @@ def _flush(run: Run, pending: list, start_time: float, logger) -> float:
     return now
 
 
-class _StopFlag:
-    """SIGTERM/SIGINT: checkpoint and stop between steps, at the same step on every process.
-
-    One process: Python handlers record the signal and the loop stops after the step it is in.
-    Several processes (jax.distributed): each host gets its maintenance SIGTERM at its own moment,
-    and a process that stopped on its own would enter the checkpoint save (a collective) while the
-    others enter the next step's all-reduce, and the run would hang. So SIGTERM is left to JAX's
-    preemption notifier, a C signal handler that `jax.distributed.initialize` installs (a Python
-    handler would replace it), which tells the coordination service; every process then learns the
-    same stop step from `multihost_utils.reached_preemption_sync_point`: the fastest process's step
-    count + 1 (TSL's PreemptionSyncManager). SIGINT, which the notifier does not watch, is recorded
-    and handed on to it as a SIGTERM to this process.
-    """
-
-    def __init__(self):
-        self.signum = 0
-        self._old = {}
-        self._synced = False
-
-    def __enter__(self):
-        self._synced = _preemption_sync_available()
-        try:
-            for sig in (signal.SIGINT,) if self._synced else (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        return self
-
-    def _handle(self, signum, _frame):
-        self.signum = signum
-        if self._synced:
-            os.kill(os.getpid(), signal.SIGTERM)  # to the preemption notifier
-
-    def stop_signal(self, count: int) -> int:
-        """The signal to stop with after this run's `count`-th step (0: go on); called every step,
-        with the same counts on every process (counting from 1 at the step after the resumed one)."""
-        if not self._synced:
-            return self.signum
-        if multihost_utils.reached_preemption_sync_point(count):
-            return self.signum or signal.SIGTERM  # the processes that got no signal stop as by SIGTERM
-        return 0
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def _preemption_sync_available() -> bool:
-    """Whether the processes can agree on a stop step (several processes, preemption service on)."""
-    if jax.process_count() == 1:
-        return False
-    try:
-        multihost_utils.reached_preemption_sync_point(0)  # step counts start at 1
-    except RuntimeError as err:  # jax_enable_preemption_service is off
-        logging.warning("%s: a SIGTERM stops only the process that gets it, and the others hang", err)
-        return False
-    return True
-
-
 def _eval_and_plateau(run: Run, state, logger):
     """(state, eval metrics): the plateau rule sees eval_top1 and may set the state's lr_scale."""
     metrics = evaluate_run(run, state)
@@ -337,7 +267,7 @@ def _eval_and_plateau(run: Run, state, logger):
     return state, metrics
 
 
-def train_loop(run: Run, state, logger, stop: _StopFlag):
+def train_loop(run: Run, state, logger, stop: StopFlag):
     """Steps from the restored step to num_train_steps, with logging, eval and checkpoints."""
     start, last = int(state.step), run.num_train_steps
     batches = prefetch.to_device(run.data.train_batches(run.global_batch_size, start),
@@ -348,7 +278,7 @@ def train_loop(run: Run, state, logger, stop: _StopFlag):
         batches.close()  # stops and joins the prefetch thread
 
 
-def _steps(run: Run, state, logger, stop: _StopFlag, batches, start: int, last: int):
+def _steps(run: Run, state, logger, stop: StopFlag, batches, start: int, last: int):
     """The step loop of `train_loop` over prefetched device batches."""
     pending, t0 = [], time.time()
     for step in range(start + 1, last + 1):
@@ -397,7 +327,7 @@ def _train_and_evaluate(config, workdir: str, datasets, optimizer):
                                 num_examples=run.data.split_sizes(), start_step=int(state.step)))
     logger = run.log.open(workdir, total_steps=run.num_train_steps, start_step=int(state.step))
     try:
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             if int(state.step) < run.num_train_steps:
                 state = train_loop(run, state, logger, stop)
             run.ckpt.wait()
