@@ -96,11 +96,17 @@ def _named(layer: str, values: list[Any], tensor) -> dict[str, Any]:
 
 
 def _read_keras3(layers, tensor) -> dict[str, Any]:
+    """Every layer's weights by its name, nested models' (a Sequential head, a backbone) included."""
     state = {}
     for key, group in layers.items():
         variables = group.get("vars", {})
         name = variables.attrs.get("name", key) if hasattr(variables, "attrs") else key
-        state.update(_named(_text(name), [variables[str(i)] for i in range(len(variables))], tensor))
+        found = _named(_text(name), [variables[str(i)] for i in range(len(variables))], tensor)
+        if "layers" in group:
+            found.update(_read_keras3(group["layers"], tensor))
+        if state.keys() & found.keys():
+            raise KeyError(f"layer weights {sorted(state.keys() & found.keys())} appear twice")
+        state.update(found)
     return state
 
 
