@@ -16,7 +16,8 @@ Every tensor moves by one `Rule`: a source key, a Flax variable path, the source
 
 A weight source is a `Layout`: how to recognise its keys, infer the architecture from them, list its
 rules, and which preprocessing preset its weights expect. Each source is one module (torchvision.py,
-timm.py, keras.py) that fills in a `Layout`; `engine.py` holds the table of them and does the rest.
+timm.py, keras.py, keras_hub.py) that fills in a `Layout`; `engine.py` holds the table of them and
+does the rest.
 """
 
 from __future__ import annotations
