@@ -164,11 +164,21 @@ def _edit_task(directory, **fields):
 
 
 def test_malformed_presets_are_one_clear_error(presets, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
     missing = _copy(presets["avg"]["dir"], tmp_path / "missing")
     os.remove(missing / keras_hub.BACKBONE_WEIGHTS)
     with pytest.raises(ConversionError, match=r"copy: a keras-hub preset without model.weights.h5$"):
         vgg_flax.load_weights(missing)
+    with pytest.raises(ConversionError, match=r"empty: not a keras-hub VGG preset: no config.json"):
+        vgg_flax.from_pretrained(tmp_path / "empty")
     shaped = _copy(presets["avg"]["dir"], tmp_path / "shaped")
+    with h5py.File(shaped / keras_hub.BACKBONE_WEIGHTS, "r+") as f:
+        del f["layers/conv2d_1/vars/0"]  # block2_conv1
+        f["layers/conv2d_1/vars/0"] = np.zeros((3, 3, 4, 9), np.float32)
+    with pytest.raises(ConversionError, match=r"copy: the Keras conv layers are not VGG config .*: the file "
+                                              r"block2_conv1 is \(3, 3, 4, 9\), not \(3, 3, 4, 8\)"):
+        vgg_flax.load_weights(shaped)
+    shaped = _copy(presets["avg"]["dir"], tmp_path / "shaped_head")
     with h5py.File(shaped / keras_hub.TASK_WEIGHTS, "r+") as f:
         group = next(g for g in f["layers/sequential/layers"].values() if g["vars"].attrs["name"] == "fc2")
         del group["vars/0"]

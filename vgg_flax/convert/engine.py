@@ -166,7 +166,10 @@ def convert_state(state: dict[str, Any], head: str = "torchvision", *, where: st
     if head not in HEADS:
         raise ConversionError(f"head {head!r} has no converted weights; use one of {HEADS}")
     lay = get_layout(layout) if layout else detect_layout(state, where)
-    arch = lay.infer(state, **model_kwargs)
+    try:
+        arch = lay.infer(state, **model_kwargs)
+    except ConversionError as e:  # the layouts' inference knows the keys, not the file's name
+        raise ConversionError(f"{where}: {e}") from e
     if head != "none" and not arch.has_classifier:
         raise ConversionError(f"{where} holds no classifier weights (no {lay.classifier_key}): pass "
                               "head='none' to load the features only")

@@ -82,14 +82,15 @@ def _preset_dir(path: str) -> tuple[str, bool]:
 
 
 def is_preset(path: str | os.PathLike) -> bool:
-    """A directory with a config.json, or a preset's model.weights.h5 beside a VGGBackbone config.json.
+    """A directory (the only directories weights come in), or a model.weights.h5 beside a
+    VGGBackbone's config.json.
 
     A lone `model.weights.h5` (no config.json beside it) is read as a Keras file (`keras.py`): its
     keys are keras.applications' without a top.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
-        return os.path.isfile(os.path.join(path, CONFIG))
+        return True
     if os.path.basename(path) != BACKBONE_WEIGHTS:
         return False
     try:
