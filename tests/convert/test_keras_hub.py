@@ -197,3 +197,24 @@ def test_malformed_presets_are_one_clear_error(presets, tmp_path, capsys):
     assert cli.main(["convert", str(pooled), str(tmp_path / "out.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pooling 'max' has no vgg-flax head" in err and "Traceback" not in err
+
+
+def test_keras_hub_stacks_are_the_paper_configs():
+    from keras_hub.src.utils.timm import convert_vgg  # keras-hub's own table of its timm VGGs
+
+    from vgg_flax.models import CONFIG_ALIASES
+
+    for name, repeats in convert_vgg.REPEATS_BY_SIZE.items():
+        spec = {"class_name": "VGGBackbone", "config": convert_vgg.convert_backbone_config(
+            {"architecture": name})}
+        assert spec["config"]["stackwise_num_repeats"] == repeats
+        assert keras_hub.backbone_config(spec) == CONFIG_ALIASES[name]
+    spec = {"class_name": "VGGBackbone", "config": {"stackwise_num_repeats": REPEATS,
+                                                    "stackwise_num_filters": FILTERS}}
+    assert keras_hub.backbone_config(spec) == CONFIG
+    spec["config"]["stackwise_num_filters"] = FILTERS[:4]
+    with pytest.raises(ConversionError, match=r"config.json: stackwise_num_repeats \[1, 1, 2, 2, 2\] and "
+                                              r"stackwise_num_filters \[4, 8, 8, 16\] are not two lists"):
+        keras_hub.backbone_config(spec)
+    with pytest.raises(ConversionError, match="config.json: a ResNetBackbone preset, not keras-hub's VGG"):
+        keras_hub.backbone_config({"class_name": "ResNetBackbone", "config": {}})
