@@ -139,6 +139,18 @@ def test_the_backbone_weights_file_of_a_preset_gives_keras_hub_feature_maps(pres
     assert _rel_err(model.apply(variables, x, train=False), maps) <= REL_TOL
 
 
+def test_a_task_saved_by_save_weights_is_read_by_its_keys(presets, tmp_path):
+    """One Keras 3 file, the backbone and the head nested in it, no JSON: the keys (a 4-d fc1) say
+    keras-hub's layout; widths other than the paper's are given as config."""
+    p = presets["avg"]
+    path = tmp_path / "task.weights.h5"
+    p["task"].save_weights(str(path))
+    model, variables, meta = vgg_flax.from_pretrained(path, config=CONFIG, return_metadata=True)
+    assert meta["preprocessing"] == "torchvision" and model.fc_width == HIDDEN
+    x = preprocessing.get_preset("torchvision")(p["pixels"])
+    assert _rel_err(model.apply(variables, x, train=False), p["logits"]) <= REL_TOL
+
+
 def test_a_backbone_saved_alone_records_torchvision_with_a_warning(presets, tmp_path):
     directory = tmp_path / "backbone"
     presets["avg"]["task"].backbone.save_to_preset(str(directory))
