@@ -73,7 +73,7 @@ def test_logits_equal_torchvision_and_round_trip_is_exact(name):
     _assert_trees_equal(again, variables)
 
 
-_NO_BN_LAYOUTS = ("keras",)  # layouts without BatchNorm variants
+_NO_BN_LAYOUTS = ("keras", "keras_hub")  # layouts without BatchNorm variants
 
 
 @pytest.mark.parametrize("name, layout", [

@@ -2,7 +2,8 @@
 
 Subcommands:
   models    list the configs and builders with their parameter counts
-  convert   torchvision/timm/Keras weights (.pth, .safetensors, .h5) into a vgg-flax weights file
+  convert   torchvision/timm/Keras weights (.pth, .safetensors, .h5, keras-hub presets) into a
+            vgg-flax weights file
   weights   pretrained weights by name: list them, download (and convert) them into the cache
   predict   top-5 ImageNet classes of image files with pretrained or converted weights
   eval      top-1/top-5 with the paper's test protocols over a TFDS split or an image folder
@@ -19,6 +20,7 @@ import sys
 
 from vgg_flax.cli import errors
 from vgg_flax.models.heads import HEAD_SPECS
+from vgg_flax.preprocessing import PRESETS
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -45,7 +47,7 @@ def _convert(args: argparse.Namespace) -> int:
     has_torch = importlib.util.find_spec("torch") is not None
     check = torch_check.self_check if has_torch and not args.no_check else None
     r = engine.convert_file(args.src, args.dst, head=args.head, verify_hash=not args.no_verify_hash,
-                             check=check)
+                             check=check, preprocessing=args.preprocessing)
     if r["hash_prefix"]:
         print(f"sha256 {r['sha256']}: matches the prefix {r['hash_prefix']} in the file name")
     bn = "with" if r["batch_norm"] else "without"
@@ -55,6 +57,7 @@ def _convert(args: argparse.Namespace) -> int:
         print("classifier weights are NaN (IMAGENET1K_FEATURES): saved the features only, "
               "preprocessing preset 'imagenet1k_features'")
     print(f"parameters: {r['params']:,} (head {r['head']!r})")
+    print(f"preprocessing: the {r['preprocessing']!r} preset, stored with the weights")
     if r["max_abs_diff"] is not None:
         print(f"self-check vs torch at 224x224: max abs diff {r['max_abs_diff']:.3g} "
               f"(max abs output {r['max_abs_logit']:.3g})")
@@ -261,13 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_plot)
 
     p = sub.add_parser("convert", help="convert torchvision/timm/Keras VGG weights to a vgg-flax file")
-    p.add_argument("src", help="a .pth/.pt/.bin or .safetensors state dict, or a Keras .h5 file")
+    p.add_argument("src", help="a .pth/.pt/.bin or .safetensors state dict, a Keras .h5 file or a "
+                               "keras-hub preset directory")
     p.add_argument("dst", help="the .safetensors file to write (weights, config, preprocessing)")
     p.add_argument("--head", default="torchvision",
                    choices=[name for name, head in HEAD_SPECS.items() if head.torchvision_layout])
     p.add_argument("--no-verify-hash", action="store_true",
                    help="skip the sha256 check of a hash prefix in the file name")
     p.add_argument("--no-check", action="store_true", help="skip the self-check against torch")
+    p.add_argument("--preprocessing", choices=sorted(PRESETS),
+                   help="the preset to store instead of the one the source's layout implies")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("weights", help="pretrained weights by name: list, download")

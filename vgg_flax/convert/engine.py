@@ -1,12 +1,14 @@
 """The converter engine: any weight source's layout into Flax variables and back, by its rules.
 
 Neutral: it knows the sources only through their `Layout` rows (`LAYOUTS`: one module per source,
-torchvision.py, timm.py, keras.py). A conversion reads the file (`read_weights`), detects the
-layout from the keys, infers the architecture, checks every key and shape before building anything
-(one error lists all problems, nothing half-loaded is returned), builds the variables, and decides
-the preprocessing preset (`preprocessing_for`, the one place). A new weight source is a module that
-fills in a `Layout`, and a row here. The torch self-check (`torch_check`) depends on this module,
-never the reverse: `convert_file` takes the checker as an argument.
+torchvision.py, timm.py, keras.py, keras_hub.py). A conversion reads the file (`read_source`),
+detects the layout from the keys, infers the architecture, checks every key and shape before
+building anything (one error lists all problems, nothing half-loaded is returned), builds the
+variables, and decides the preprocessing preset (`preprocessing_for`, the one place). A source whose
+files state their own contract (a keras-hub preset directory: layout, architecture, preset) fixes
+those choices in `read_source`, and the caller's explicit arguments still win. A new weight source
+is a module that fills in a `Layout`, and a row here. The torch self-check (`torch_check`) depends
+on this module, never the reverse: `convert_file` takes the checker as an argument.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vgg_flax.convert import format as wformat
-from vgg_flax.convert import keras, readers, timm, torchvision
+from vgg_flax.convert import keras, keras_hub, readers, timm, torchvision
 from vgg_flax.convert.device import to_device
 from vgg_flax.convert.errors import ConversionError
-from vgg_flax.convert.hashing import file_sha256, verify_hash_prefix
-from vgg_flax.convert.rules import KINDS, Architecture, Layout, Rule, check_state
+from vgg_flax.convert.hashing import file_sha256, files_sha256, verify_hash_prefix
+from vgg_flax.convert.rules import KINDS, RESHAPES, Architecture, Layout, Rule, check_state
 from vgg_flax.models import HEAD_SPECS, VGG, count_params, get_head
 
-# Detection order: timm's and torchvision's files share `features.*`, so timm is asked first.
-LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (keras.LAYOUT, timm.LAYOUT, torchvision.LAYOUT)}
+# Detection order: the layouts sharing keys are asked most specific first: keras-hub's conv head has
+# keras.applications' names (a 4-d fc1), timm's and torchvision's files share `features.*`.
+LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (keras_hub.LAYOUT, keras.LAYOUT, timm.LAYOUT,
+                                                        torchvision.LAYOUT)}
 TORCH_LAYOUTS = ("torchvision", "timm")
 SUFFIXES = readers.TORCH_SUFFIXES + readers.SAFETENSORS_SUFFIXES + keras.SUFFIXES
 # The heads whose variables the sources' classifiers fill (the others have no such weights).
@@ -74,6 +78,30 @@ def read_weights(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any
     return readers.read_state_dict(path)
 
 
+def read_source(source: str | os.PathLike | Mapping[str, Any], head: str = "torchvision",
+                preprocessing: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state, the `convert_state` arguments the source's own files fix): {} but for keras-hub presets.
+
+    A keras-hub preset (`keras_hub.is_preset`: a directory, or its model.weights.h5) states its
+    layout, architecture and preset in JSON; `preprocessing`, when given, is recorded instead.
+    """
+    if not isinstance(source, Mapping) and keras_hub.is_preset(source):
+        return keras_hub.read_preset(source, with_head=head != "none", preprocessing=preprocessing)
+    return read_weights(source), {}
+
+
+def _with_defaults(found: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """`given` keyword arguments over what the source fixed (`read_source`); None is "not given"."""
+    return {**found, **{k: v for k, v in given.items() if v is not None or k not in found}}
+
+
+def source_sha256(source: str | os.PathLike) -> str:
+    """sha256 of a weight file; of a keras-hub preset, `files_sha256` of the files conversion reads."""
+    if keras_hub.is_preset(source):
+        return files_sha256(keras_hub.preset_files(source))
+    return file_sha256(source)
+
+
 def preprocessing_for(layout: Layout, nan_classifier: bool = False) -> str:
     """The preset a layout's weights expect (a NaN classifier: its features-only file's)."""
     return layout.nan_classifier_preprocessing if nan_classifier else layout.preprocessing
@@ -99,7 +127,7 @@ def _build(state: dict[str, Any], rules: list[Rule], dtype) -> dict[str, Any]:
             node = node.setdefault(name, {})
         nodes[rule] = node
     for rule in sorted(rules, key=lambda r: -int(np.prod(r.shape))):
-        shape = (-1, rule.shape[0]) if rule.kind.startswith("fc1") else None
+        shape = RESHAPES[rule.kind](rule.shape) if rule.kind in RESHAPES else None
         nodes[rule][rule.path[-1]] = to_device(state.pop(rule.key), dtype, KINDS[rule.kind][0], shape)
     return variables
 
@@ -138,7 +166,10 @@ def convert_state(state: dict[str, Any], head: str = "torchvision", *, where: st
     if head not in HEADS:
         raise ConversionError(f"head {head!r} has no converted weights; use one of {HEADS}")
     lay = get_layout(layout) if layout else detect_layout(state, where)
-    arch = lay.infer(state, **model_kwargs)
+    try:
+        arch = lay.infer(state, **model_kwargs)
+    except ConversionError as e:  # the layouts' inference knows the keys, not the file's name
+        raise ConversionError(f"{where}: {e}") from e
     if head != "none" and not arch.has_classifier:
         raise ConversionError(f"{where} holds no classifier weights (no {lay.classifier_key}): pass "
                               "head='none' to load the features only")
@@ -159,18 +190,20 @@ def convert_source(source: str | os.PathLike | Mapping[str, Any], head: str = "t
                    verify_hash: bool = True, **kwargs) -> Converted:
     """`convert_state` of a file or a state dict, checking a hash prefix in the file's name."""
     where = "the state dict" if isinstance(source, Mapping) else os.fspath(source)
-    if verify_hash and not isinstance(source, Mapping):
+    if verify_hash and not isinstance(source, Mapping) and not os.path.isdir(source):
         verify_hash_prefix(source)
-    return convert_state(read_weights(source), head, where=where, **kwargs)
+    state, found = read_source(source, head, kwargs.get("preprocessing"))
+    return convert_state(state, head, where=where, **_with_defaults(found, kwargs))
 
 
 def load_weights(source: str | os.PathLike | Mapping[str, Any], head: str = "torchvision", *,
                  layout: str | None = None, verify_hash: bool = True,
                  **model_kwargs) -> tuple[VGG, dict[str, Any]]:
-    """VGG weights of any source layout (torchvision, timm, keras) as a Flax `VGG` and its variables.
+    """VGG weights of any source layout (torchvision, timm, keras, keras_hub) as a Flax `VGG`.
 
     Args:
-      source: a `.pth`/`.pt`/`.bin`/`.safetensors`/`.h5` path or a state dict (str -> array).
+      source: a `.pth`/`.pt`/`.bin`/`.safetensors`/`.h5` path, a keras-hub preset directory
+        (`save_to_preset`) or a state dict (str -> array).
       head: "torchvision", "dense" (same weights, the paper's dense evaluation) or "none".
       layout: a `LAYOUTS` name to insist on; None detects it from the keys.
       verify_hash: check the sha256 prefix of torchvision-style file names (`vgg16-397923af.pth`).
@@ -250,7 +283,8 @@ def convert_file(source: str | os.PathLike, destination: str | os.PathLike, *,
                  head: str = "torchvision", verify_hash: bool = True,
                  check: Callable[[VGG, Mapping[str, Any]], tuple[float, float]] | None = None,
                  provenance: Mapping[str, Any] | None = None, **kwargs) -> dict[str, Any]:
-    """`vgg-flax convert`: a torchvision / timm / Keras file into a `save_pretrained` file, with a report.
+    """`vgg-flax convert`: a torchvision / timm / Keras file or a keras-hub preset directory into a
+    `save_pretrained` file, with a report.
 
     Args:
       check: an optional self-check `(model, variables) -> (max abs diff, max abs output)`, e.g.
@@ -261,12 +295,14 @@ def convert_file(source: str | os.PathLike, destination: str | os.PathLike, *,
     Returns a dict: config, batch_norm, layout, num_classes, head, params (count), preprocessing,
     sha256, hash_prefix (verified, or None), max_abs_diff / max_abs_logit (None without a check).
     """
-    prefix, sha256 = verify_hash_prefix(source) if verify_hash else (None, None)
-    model, variables, arch, preset = convert_state(read_weights(source), head,
-                                                   where=os.fspath(source), **kwargs)
-    sha256 = sha256 or file_sha256(source)
+    check_hash = verify_hash and not os.path.isdir(source)
+    prefix, sha256 = verify_hash_prefix(source) if check_hash else (None, None)
+    state, found = read_source(source, head, kwargs.get("preprocessing"))
+    model, variables, arch, preset = convert_state(state, head, where=os.fspath(source),
+                                                   **_with_defaults(found, kwargs))
+    sha256 = sha256 or source_sha256(source)
     wformat.save_pretrained(destination, model, variables, preprocessing=preset,
-                            source=os.path.basename(os.fspath(source)), source_sha256=sha256,
+                            source=os.path.basename(os.path.normpath(source)), source_sha256=sha256,
                             provenance=provenance)
     report = {"config": model.config, "batch_norm": model.batch_norm, "layout": arch.layout,
               "num_classes": model.num_classes, "head": model.head,

@@ -21,6 +21,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def files_sha256(paths: list[str | os.PathLike]) -> str:
+    """One sha256 for several files: that of their `sha256sum` lines ("HASH  NAME\n", by base name)."""
+    lines = sorted(f"{file_sha256(p)}  {os.path.basename(os.fspath(p))}\n" for p in paths)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def hash_prefix(path: str | os.PathLike) -> str | None:
     """The sha256 prefix a torchvision-style file name carries (`vgg16-397923af.pth` -> '397923af')."""
     match = _HASH_PREFIX.search(os.path.basename(os.fspath(path)))

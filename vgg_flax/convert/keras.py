@@ -12,9 +12,11 @@ the NHWC row order our fc1 keeps. The weights are the original Caffe VGG's: "caf
                   keras.applications downloads): [model_weights/]<layer>/<weight names>, listed by
                   the "layer_names" and "weight_names" attributes
 
-A layer's weights are named by their order, as Keras loads them: kernel, then bias. keras-hub's VGG
-(`keras_hub.models.VGGBackbone`, its presets' `model.weights.h5`) is not read: its layer names and
-its image classifier head (a 7x7 conv before 2026) differ, and no file was at hand to test against.
+A layer's weights are named by their order, as Keras loads them: kernel, then bias. Nested models
+(a Sequential head, a backbone inside a task) are read layer by layer under the layers' own names.
+keras-hub's VGG uses these names too: its preset directories (`task.save_to_preset`) are read by
+`keras_hub.py`, which reads their two `.weights.h5` files here; its "flatten" head is this layout,
+its "avg" head (7x7 and 1x1 Conv2D kernels) is `keras_hub.LAYOUT`.
 """
 
 from __future__ import annotations
@@ -96,11 +98,17 @@ def _named(layer: str, values: list[Any], tensor) -> dict[str, Any]:
 
 
 def _read_keras3(layers, tensor) -> dict[str, Any]:
+    """Every layer's weights by its name, nested models' (a Sequential head, a backbone) included."""
     state = {}
     for key, group in layers.items():
         variables = group.get("vars", {})
         name = variables.attrs.get("name", key) if hasattr(variables, "attrs") else key
-        state.update(_named(_text(name), [variables[str(i)] for i in range(len(variables))], tensor))
+        found = _named(_text(name), [variables[str(i)] for i in range(len(variables))], tensor)
+        if "layers" in group:
+            found.update(_read_keras3(group["layers"], tensor))
+        if state.keys() & found.keys():
+            raise KeyError(f"layer weights {sorted(state.keys() & found.keys())} appear twice")
+        state.update(found)
     return state
 
 

@@ -44,7 +44,8 @@ def from_pretrained(source: str | os.PathLike | Mapping[str, Any], *, head: str 
     Args:
       source: a registry name (`list_pretrained()`: "vgg16", timm's "vgg16.tv_in1k",
         "vgg16.features"), "hf-hub:ORG/REPO", an http(s) URL of a torchvision-style file, a local
-        file (torchvision/timm/Keras weights or a `save_pretrained` file) or a state dict.
+        file (torchvision/timm/Keras weights or a `save_pretrained` file), a keras-hub preset
+        directory (`task.save_to_preset(dir)`) or a state dict.
       head: "torchvision", "dense" (same weights, dense evaluation) or "none" (features only).
       cache_dir: where downloads and converted weights live (default $VGG_FLAX_HOME or
         ~/.cache/vgg_flax).
@@ -87,7 +88,7 @@ def _resolve(source, cache_dir, progress, arch) -> str | None:
     if text.startswith(("http://", "https://")):
         return _cached(text, None, cache_dir, progress, arch)
     if os.path.exists(text) or os.sep in text or text.endswith(engine.SUFFIXES):
-        if not os.path.isfile(text):
+        if not (os.path.isfile(text) or os.path.isdir(text)):  # a directory: a keras-hub preset
             raise FileNotFoundError(f"no weight file at {text}")
         return text
     entry = registry.get(text)

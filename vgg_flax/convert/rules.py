@@ -11,10 +11,13 @@ Every tensor moves by one `Rule`: a source key, a Flax variable path, the source
                  <-> fc1's Dense kernel (7*7*C, out) in NHWC (h, w, c) row order
     fc1_conv     timm's pre_logits.fc1 Conv2d (out, C, 7, 7) <-> the same fc1 kernel
     conv1x1      timm's pre_logits.fc2 Conv2d (out, in, 1, 1) <-> fc2's Dense kernel (in, out)
+    conv_dense   keras-hub's fc1 / fc2 Conv2D kernels (7, 7, C, out) / (1, 1, in, out), HWIO
+                 <-> the Dense kernel (7*7*C, out) / (in, out): a reshape, HWIO rows are NHWC's order
 
 A weight source is a `Layout`: how to recognise its keys, infer the architecture from them, list its
 rules, and which preprocessing preset its weights expect. Each source is one module (torchvision.py,
-timm.py, keras.py) that fills in a `Layout`; `engine.py` holds the table of them and does the rest.
+timm.py, keras.py, keras_hub.py) that fills in a `Layout`; `engine.py` holds the table of them and
+does the rest.
 """
 
 from __future__ import annotations
@@ -47,6 +50,13 @@ KINDS: dict[str, tuple[Callable | None, Callable]] = {
     "fc1_linear": (_fc1_to_flax, _fc1_to_torch),
     "fc1_conv": (_fc1_to_flax, _fc1_to_torch),
     "conv1x1": (lambda w: w.reshape(w.shape[:2]).T, lambda k, s: k.T.reshape(s)),
+    "conv_dense": (None, lambda k, s: k.reshape(s)),
+}
+# kind -> (source shape -> the Flax shape the converted tensor is reshaped to), for kinds that reshape.
+RESHAPES: dict[str, Callable[[tuple[int, ...]], tuple[int, ...]]] = {
+    "fc1_linear": lambda s: (-1, s[0]),
+    "fc1_conv": lambda s: (-1, s[0]),
+    "conv_dense": lambda s: (-1, s[-1]),
 }
 
 
