@@ -103,6 +103,28 @@ def test_integrated_gradients_completeness_error_shrinks_with_steps(trained):
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.05, errors
 
 
+def test_integrated_gradients_through_the_first_conv_equal_the_sum_of_input_gradients():
+    """The path points' gradients are summed at the first conv's output and sent through its
+    (affine: conv + bias + eval-mode BatchNorm) map once; that equals summing each point's input
+    gradient. float64, so no max-pool tie can flip between the two computations."""
+    with jax.enable_x64(True):
+        model = vgg_flax.VGG(config=(8, "M", 16, "M"), batch_norm=True, head="small", num_classes=4,
+                             dtype=jnp.float64, param_dtype=jnp.float64, conv_impl="xla")
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.normal(size=(2, 16, 16, 3)))
+        variables = model.init(jax.random.key(0), x)
+        stats = jax.tree.map(lambda v: jnp.asarray(rng.uniform(0.5, 2.0, v.shape)), variables["batch_stats"])
+        variables = {**variables, "batch_stats": stats}  # non-trivial running statistics
+        baseline, targets = 0.1 * x[::-1], np.array([1, 3])
+        got = explain.integrated_gradients(model, variables, x, targets, baseline=baseline, steps=6,
+                                           rule="riemann_trapezoid", per_channel=True)
+        alphas, weights = explain.maps.IG_RULES["riemann_trapezoid"](6)
+        grads = [explain.tap_gradients(model, variables, baseline + a * (x - baseline), targets).input_grad
+                 for a in alphas]
+        expected = sum(w * g for w, g in zip(weights, grads, strict=True)) * (x - baseline)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * float(jnp.abs(expected).max()))
+
+
 def test_tap_gradients_are_the_gradients_of_the_taps(trained):
     """dS_c/d(pre_logits) of the small head is column c of its output kernel, on both conv paths;
     a conv tap's gradient is the same on the XLA and CPU paths, and through the NNX face."""
