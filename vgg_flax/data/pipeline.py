@@ -252,21 +252,22 @@ def _eval_stream(source, *, batch_size, image_size, norm, opts):
     # padding examples before batching would block the fusion (~10% of the throughput).
     ds = examples.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
     share, num_batches = source.shares[source.index], math.ceil(max(source.shares) / batch_size)
-    blank = tf.nest.map_structure(lambda s: tf.zeros([batch_size] + [d or resize for d in s.shape[1:]],
-                                                     s.dtype), ds.element_spec)
     # ("whole" images have no static size; their batch_size is 1, so never padded.)
+    specs = ds.element_spec
+    shapes = {k: [batch_size] + [d or resize for d in s.shape[1:]] for k, s in specs.items()}
 
-    def pad(batch):
-        def padded():
-            return tf.nest.map_structure(lambda x, b: tf.concat([x, b[tf.shape(x)[0]:]], 0), batch, blank)
-
-        full = tf.shape(batch["label"])[0] == batch_size
-        return tf.nest.map_structure(lambda x: tf.ensure_shape(x, [batch_size] + x.shape[1:]),
-                                     tf.cond(full, lambda: batch, padded))
+    def pad(batch):  # zero rows (mask False) up to batch_size, made per batch: no batch-sized constant
+        rows = batch_size - tf.shape(batch["label"])[0]
+        return {k: tf.ensure_shape(tf.pad(x, [[0, rows]] + [[0, 0]] * (x.shape.rank - 1)), shapes[k])
+                for k, x in batch.items()}
 
     if share % batch_size:
         ds = ds.map(pad)
     extra = num_batches - math.ceil(share / batch_size)
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(extra)) if extra else ds
-    ds = ds.prefetch(tf.data.AUTOTUNE)
+    if extra:  # blank batches, so every process runs the same number of steps
+        ds = ds.concatenate(tf.data.Dataset.range(extra).map(
+            lambda _: {k: tf.zeros(shapes[k], s.dtype) for k, s in specs.items()}))
+    # One batch ahead: an eval batch (50 float32 crops per image for multi-crop) is large, and one
+    # network call per batch is far slower than making the next, so more would only hold memory.
+    ds = ds.prefetch(1)
     return ds.with_options(_options(opts["threads"]))
