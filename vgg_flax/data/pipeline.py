@@ -267,7 +267,5 @@ def _eval_stream(source, *, batch_size, image_size, norm, opts):
     if extra:  # blank batches, so every process runs the same number of steps
         ds = ds.concatenate(tf.data.Dataset.range(extra).map(
             lambda _: {k: tf.zeros(shapes[k], s.dtype) for k, s in specs.items()}))
-    # One batch ahead: an eval batch (50 float32 crops per image for multi-crop) is large, and one
-    # network call per batch is far slower than making the next, so more would only hold memory.
-    ds = ds.prefetch(1)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(opts["threads"]))
