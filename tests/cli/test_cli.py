@@ -66,6 +66,24 @@ def test_each_cli_mistake_is_one_stderr_line_and_status_2(tmp_path, weights, cap
         assert words in err and "Traceback" not in err, (argv, err)
 
 
+def test_warnings_are_one_stderr_line_and_python_format_is_restored(capsys):
+    import warnings
+
+    from vgg_flax.cli import errors
+
+    def warns():
+        warnings.warn("no preprocessor.json: storing\n the 'torchvision' preset", UserWarning, stacklevel=1)
+        return 0
+
+    assert errors.run_command("vgg-flax convert", warns, debug=False) == 0
+    err = capsys.readouterr().err
+    assert err == "vgg-flax convert: warning: no preprocessor.json: storing the 'torchvision' preset\n"
+    before = warnings.showwarning
+    with warnings.catch_warnings(record=True):
+        assert errors.run_command("vgg-flax convert", warns, debug=True) == 0
+    assert warnings.showwarning is before
+
+
 def test_debug_shows_the_traceback(tmp_path, weights):
     for argv, _ in _mistakes(tmp_path, weights):
         with pytest.raises((ValueError, KeyError, OSError)):

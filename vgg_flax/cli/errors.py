@@ -6,12 +6,14 @@ project's own errors are those classes: ValueError and KeyError (bad values and 
 the valid ones listed; ConversionError, WeightsMismatchError and PIL's UnidentifiedImageError are
 among them), OSError (missing and unreadable files), RuntimeError subclasses of this project
 (CheckpointError, WorkdirLockedError) and a non-finite loss. Anything else is a bug and keeps its
-traceback.
+traceback. Warnings are one line too (`prog: warning: MESSAGE`), not Python's two lines with the
+source line that raised them.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 
 from vgg_flax.train import errors as train_errors
@@ -38,10 +40,15 @@ def report(prog: str, err: BaseException) -> int:
 
 
 def run_command(prog: str, fn: Callable[[], int], *, debug: bool) -> int:
-    """`fn()`'s exit status, or one line and status 2 for a user error (re-raised under `debug`)."""
-    try:
-        return fn()
-    except USER_ERRORS as err:
-        if debug:
-            raise
-        return report(prog, err)
+    """`fn()`'s exit status, or one line and status 2 for a user error (re-raised under `debug`);
+    its warnings one line each (Python's own format under `debug`)."""
+    with warnings.catch_warnings():  # restores showwarning afterwards
+        if not debug:
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+        try:
+            return fn()
+        except USER_ERRORS as err:
+            if debug:
+                raise
+            return report(prog, err)
