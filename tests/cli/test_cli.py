@@ -66,22 +66,26 @@ def test_each_cli_mistake_is_one_stderr_line_and_status_2(tmp_path, weights, cap
         assert words in err and "Traceback" not in err, (argv, err)
 
 
-def test_warnings_are_one_stderr_line_and_python_format_is_restored(capsys):
-    import warnings
+_WARNS = """
+import sys, warnings
+from vgg_flax.cli import errors
+def warns():
+    warnings.warn("no preprocessor.json: storing\\n the 'torchvision' preset", UserWarning)
+    warnings.warn("old API", DeprecationWarning)
+    return 0
+sys.exit(errors.run_command("vgg-flax convert", warns, debug=sys.argv[1] == "debug"))
+"""
 
-    from vgg_flax.cli import errors
 
-    def warns():
-        warnings.warn("no preprocessor.json: storing\n the 'torchvision' preset", UserWarning, stacklevel=1)
-        return 0
-
-    assert errors.run_command("vgg-flax convert", warns, debug=False) == 0
-    err = capsys.readouterr().err
-    assert err == "vgg-flax convert: warning: no preprocessor.json: storing the 'torchvision' preset\n"
-    before = warnings.showwarning
-    with warnings.catch_warnings(record=True):
-        assert errors.run_command("vgg-flax convert", warns, debug=True) == 0
-    assert warnings.showwarning is before
+def test_user_warnings_are_one_stderr_line_unless_debug():
+    # A child process: pytest records warnings instead of formatting them.
+    out = {mode: subprocess.run([sys.executable, "-W", "always", "-c", _WARNS, mode], capture_output=True,
+                                text=True, timeout=120) for mode in ("plain", "debug")}
+    lines = out["plain"].stderr.splitlines()
+    assert out["plain"].returncode == 0 and lines[0] == ("vgg-flax convert: warning: no preprocessor.json: "
+                                                         "storing the 'torchvision' preset"), lines
+    assert "DeprecationWarning: old API" in out["plain"].stderr  # other categories: Python's format
+    assert "UserWarning: no preprocessor.json" in out["debug"].stderr
 
 
 def test_debug_shows_the_traceback(tmp_path, weights):

@@ -6,12 +6,13 @@ project's own errors are those classes: ValueError and KeyError (bad values and 
 the valid ones listed; ConversionError, WeightsMismatchError and PIL's UnidentifiedImageError are
 among them), OSError (missing and unreadable files), RuntimeError subclasses of this project
 (CheckpointError, WorkdirLockedError) and a non-finite loss. Anything else is a bug and keeps its
-traceback. Warnings are one line too (`prog: warning: MESSAGE`), not Python's two lines with the
-source line that raised them.
+traceback. UserWarnings are one line too (`prog: warning: MESSAGE`), not Python's two lines with
+the source line that raised them.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from collections.abc import Callable
@@ -41,14 +42,23 @@ def report(prog: str, err: BaseException) -> int:
 
 def run_command(prog: str, fn: Callable[[], int], *, debug: bool) -> int:
     """`fn()`'s exit status, or one line and status 2 for a user error (re-raised under `debug`);
-    its warnings one line each (Python's own format under `debug`)."""
-    with warnings.catch_warnings():  # restores showwarning afterwards
-        if not debug:
-            warnings.showwarning = lambda message, *_, **__: print(
-                f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-        try:
-            return fn()
-        except USER_ERRORS as err:
-            if debug:
-                raise
-            return report(prog, err)
+    its UserWarnings one line each (Python's own format under `debug`)."""
+    default = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = functools.partial(_format_warning, prog, default)
+    try:
+        return fn()
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        return report(prog, err)
+    finally:
+        warnings.formatwarning = default
+
+
+def _format_warning(prog, default, message, category, filename, lineno, line=None) -> str:
+    """`prog: warning: MESSAGE` for the warnings users act on (UserWarning: what this project and
+    its libraries tell the user); other categories keep Python's format."""
+    if issubclass(category, UserWarning):
+        return f"{prog}: warning: {' '.join(str(message).split())}\n"
+    return default(message, category, filename, lineno, line)
