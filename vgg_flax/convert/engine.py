@@ -189,11 +189,18 @@ def convert_state(state: dict[str, Any], head: str = "torchvision", *, where: st
 def convert_source(source: str | os.PathLike | Mapping[str, Any], head: str = "torchvision", *,
                    verify_hash: bool = True, **kwargs) -> Converted:
     """`convert_state` of a file or a state dict, checking a hash prefix in the file's name."""
+    return _read_and_convert(source, head, verify_hash, kwargs)[0]
+
+
+def _read_and_convert(source, head: str, verify_hash: bool, kwargs: Mapping[str, Any]
+                      ) -> tuple[Converted, str | None, str | None]:
+    """(converted, the file name's verified hash prefix, the file's sha256 if it was hashed) of a
+    file, a keras-hub preset directory (no name prefix to check) or a state dict."""
     where = "the state dict" if isinstance(source, Mapping) else os.fspath(source)
-    if verify_hash and not isinstance(source, Mapping) and not os.path.isdir(source):
-        verify_hash_prefix(source)
+    is_file = not isinstance(source, Mapping) and not os.path.isdir(source)
+    prefix, sha256 = verify_hash_prefix(source) if verify_hash and is_file else (None, None)
     state, found = read_source(source, head, kwargs.get("preprocessing"))
-    return convert_state(state, head, where=where, **_with_defaults(found, kwargs))
+    return convert_state(state, head, where=where, **_with_defaults(found, kwargs)), prefix, sha256
 
 
 def load_weights(source: str | os.PathLike | Mapping[str, Any], head: str = "torchvision", *,
@@ -295,11 +302,7 @@ def convert_file(source: str | os.PathLike, destination: str | os.PathLike, *,
     Returns a dict: config, batch_norm, layout, num_classes, head, params (count), preprocessing,
     sha256, hash_prefix (verified, or None), max_abs_diff / max_abs_logit (None without a check).
     """
-    check_hash = verify_hash and not os.path.isdir(source)
-    prefix, sha256 = verify_hash_prefix(source) if check_hash else (None, None)
-    state, found = read_source(source, head, kwargs.get("preprocessing"))
-    model, variables, arch, preset = convert_state(state, head, where=os.fspath(source),
-                                                   **_with_defaults(found, kwargs))
+    (model, variables, arch, preset), prefix, sha256 = _read_and_convert(source, head, verify_hash, kwargs)
     sha256 = sha256 or source_sha256(source)
     wformat.save_pretrained(destination, model, variables, preprocessing=preset,
                             source=os.path.basename(os.path.normpath(source)), source_sha256=sha256,
