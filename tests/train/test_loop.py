@@ -117,7 +117,7 @@ def test_sigint_saves_and_stops_like_sigterm(tmp_path):
     with pytest.raises(training.Interrupted) as stop:
         train(tmp_path, _SignalAt(signal.SIGINT, 3), **PLATEAU)
     assert stop.value.signum == signal.SIGINT and 1 <= stop.value.step < 6
-    assert _latest_checkpoint(tmp_path) == stop.value.step
+    assert train_harness.latest_checkpoint(tmp_path) == stop.value.step
     assert max(r["step"] for r in workdir_lib.read_rows(str(tmp_path))) == stop.value.step
     assert signal.getsignal(signal.SIGINT) is handler  # the loop puts the handler back
 
@@ -277,11 +277,3 @@ def test_float16_is_said_in_a_warning(tmp_path, caplog):
     """float16 has no loss scaling: the run says so (its numbers: test_steps.py)."""
     train(tmp_path, num_train_steps=1, **{"model.dtype": "float16", "eval.every_steps": 100})
     assert training.FLOAT16_WARNING in caplog.text
-
-
-def _latest_checkpoint(workdir) -> int | None:
-    saved = checkpoints.Checkpoints(str(workdir), async_save=False)
-    try:
-        return saved.latest_step()
-    finally:
-        saved.close()

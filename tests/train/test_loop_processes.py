@@ -15,8 +15,6 @@ import pytest
 import train_harness
 from train_harness import flat_params, train
 
-from vgg_flax.train import checkpoints
-
 HARNESS = os.path.join(train_harness.ROOT, "tests", "train", "train_harness.py")
 # The reference runs use the paper's plateau rule with every evaluation "stalling" (min_delta 2), so
 # the eval at step 3 divides the rate by 10: resumes and multi-process runs must carry that scale.
@@ -115,14 +113,6 @@ def _rows(path) -> list[dict]:
     return rows
 
 
-def _latest_checkpoint(workdir) -> int | None:
-    saved = checkpoints.Checkpoints(str(workdir), async_save=False)
-    try:
-        return saved.latest_step()
-    finally:
-        saved.close()
-
-
 def _assert_resumed(work, before: str, saved: int, starts, reference, resumed):
     """The second run continued the first from its checkpoint `saved`: it opened the data at `saved`
     (never at 0), kept the first run's rows up to `saved` byte for byte (their images_per_sec is
@@ -150,7 +140,7 @@ def test_kill9_then_resume_is_bit_exact(reference, tmp_path):
     before = open(work / "metrics.jsonl").read()
     done = max(r["step"] for r in _rows(work / "metrics.jsonl"))
     assert done == 5, done  # the kill landed mid-run: some steps done, not all
-    saved = _latest_checkpoint(work)
+    saved = train_harness.latest_checkpoint(work)
     assert saved == 4, saved
     with open(work / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "train_lo')  # as if killed in the middle of writing a row
@@ -176,7 +166,7 @@ def test_sigterm_saves_then_resume_is_bit_exact(reference, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, (out[-2000:], err[-2000:])
     before = open(work / "metrics.jsonl").read()
-    stopped_at = _latest_checkpoint(work)
+    stopped_at = train_harness.latest_checkpoint(work)
     assert 3 <= stopped_at < 6  # saved where the signal found it (mid-run), not only at the regular saves
     assert max(r["step"] for r in _rows(work / "metrics.jsonl")) == stopped_at
     said = [line for line in err.splitlines() if "signal" in line]

@@ -167,6 +167,17 @@ def flat_params(state) -> dict[str, np.ndarray]:
     return out
 
 
+def latest_checkpoint(workdir) -> int | None:
+    """The newest step saved in `workdir`'s checkpoints (None without any)."""
+    from vgg_flax.train import checkpoints
+
+    saved = checkpoints.Checkpoints(str(workdir), async_save=False)
+    try:
+        return saved.latest_step()
+    finally:
+        saved.close()
+
+
 def read_data_log(path) -> list[int]:
     """The start steps a `--data-log` file recorded, in order ([] when the split was never opened)."""
     return [int(line) for line in open(path)] if os.path.exists(path) else []
